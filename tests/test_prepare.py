@@ -1,0 +1,144 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mofe_ood import prepare
+from mofe_ood.params import ParamError, merged, load
+
+SMALL = {
+    "prepare": {
+        "id": {"train_per_class": 20, "val_per_class": 5, "test_per_class": 10},
+        "ood": {
+            "fmnist_near": {"count": 30},
+            "mnist": {"count": 40},
+            "textile": {"count": 12},
+            "textures": {"count": 9, "crop_size": 32},
+        },
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def small_params():
+    return merged(load("params.yaml"), SMALL)
+
+
+def _write_folder(root, classes=("a", "b"), per_class=3, size=(40, 30)):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+
+
+def test_default_benchmark_splits(tmp_path, small_params):
+    manifest = prepare.run(small_params, tmp_path / "prepared")
+    splits = manifest["splits"]
+    assert list(splits) == ["train", "val", "test", "fmnist_near", "mnist", "textile", "textures"]
+    assert manifest["classes"] == ["T-shirt/top", "Trouser", "Pullover", "Dress", "Sandal", "Sneaker", "Bag"]
+    assert splits["train"]["counts_per_class"] == {c: 20 for c in manifest["classes"]}
+    assert splits["val"]["counts_per_class"] == {c: 5 for c in manifest["classes"]}
+    assert splits["test"]["count"] == 70
+    assert {n: splits[n]["group"] for n in ("fmnist_near", "mnist", "textile", "textures")} == {
+        "fmnist_near": "near", "mnist": "far", "textile": "far", "textures": "far"}
+    train = prepare.load_split(tmp_path / "prepared", "train")
+    assert train.images.shape == (140, 28, 28) and train.images.dtype == np.uint8
+    assert set(train.labels) == set(range(7))
+    for name, shape in (("mnist", (40, 28, 28)), ("textures", (9, 32, 32))):
+        ood = prepare.load_split(tmp_path / "prepared", name)
+        assert ood.images.shape == shape and (ood.labels == -1).all()
+    textile = prepare.load_split(tmp_path / "prepared", "textile").images
+    assert textile.shape == (12, 128, 128, 3)  # 250 px photos downscaled to max_side
+    # Same seed, same bytes.
+    again = prepare.run(small_params, tmp_path / "again")
+    assert {n: s["sha256"] for n, s in again["splits"].items()} == {n: s["sha256"] for n, s in splits.items()}
+
+
+def test_train_and_val_are_disjoint_per_class():
+    ids = np.arange(100)
+    images = prepare.Images(ids % 4, images=ids)  # the "image" is its own index
+    val, train = prepare._per_class(images, [0, 1, 2, 3], [5, 10], np.random.default_rng(0))
+    assert len(val) == 20 and len(train) == 40
+    assert not set(val.images) & set(train.images)
+    assert (np.diff(train.images) > 0).all()  # source order kept
+
+
+def test_per_class_asking_for_too_many_names_the_class():
+    images = prepare.Images(np.zeros(10, np.int64), images=np.arange(10))
+    with pytest.raises(ParamError, match="class 0 has 10 images"):
+        prepare._per_class(images, [0], [5, 6], np.random.default_rng(0))
+
+
+def test_image_folder_id_source(tmp_path, small_params):
+    _write_folder(tmp_path / "ds" / "train", per_class=8)
+    _write_folder(tmp_path / "ds" / "test", per_class=2)
+    params = merged(small_params, {"prepare": {"id": {
+        "source": "imagefolder", "root": str(tmp_path / "ds"), "classes": None,
+        "train_per_class": None, "val_per_class": 3, "test_per_class": None}, "ood": {}}})
+    manifest = prepare.run(params, tmp_path / "out")
+    assert manifest["classes"] == ["a", "b"]
+    assert manifest["splits"]["train"]["counts_per_class"] == {"a": 5, "b": 5}
+    assert manifest["splits"]["train"]["storage"] == "paths"
+    test = prepare.load_split(tmp_path / "out", "test")
+    assert len(test.paths) == 4 and all(p.endswith(".png") for p in test.paths)
+
+
+@pytest.mark.parametrize("mode", ["skip", "fail"])
+def test_corrupt_images_are_skipped_and_counted_or_fail(tmp_path, small_params, mode):
+    folder = tmp_path / "extra"
+    _write_folder(folder, classes=("x",), per_class=3)
+    (folder / "x" / "broken.png").write_bytes(b"\x89PNG not really")
+    (folder / "x" / "empty.jpg").write_bytes(b"")
+    params = merged(small_params, {"prepare": {"bad_images": mode, "ood": {}},
+                                   "evaluate": {"extra_ood": {"mine": {"path": str(folder), "group": "far"}}}})
+    if mode == "fail":
+        with pytest.raises(ValueError, match="prepare.ood.mine: 2 unreadable .*broken.png"):
+            prepare.run(params, tmp_path / "out")
+        return
+    with pytest.warns(UserWarning, match="skipped 2 unreadable"):
+        manifest = prepare.run(params, tmp_path / "out")
+    assert manifest["splits"]["mine"]["count"] == 3
+    assert manifest["splits"]["mine"]["bad_files_skipped"] == 2
+    assert manifest["splits"]["mine"]["group"] == "far"
+
+
+@pytest.mark.parametrize("override, error, match", [
+    ({"prepare": {"id": {"source": "imagenet21k"}}}, ParamError, "prepare.id.source: 'imagenet21k'"),
+    ({"prepare": {"ood": {"mnist": {"source": "emnist"}}}}, ParamError, "prepare.ood.mnist.source: 'emnist'"),
+    ({"prepare": {"ood": {"mnist": {"group": "medium"}}}}, ParamError, "prepare.ood.mnist.group: 'medium'"),
+    ({"prepare": {"id": {"source": "imagefolder", "root": "/no/such/folder"}}}, FileNotFoundError,
+     "/no/such/folder/train"),
+    ({"evaluate": {"extra_ood": {"mine": {"path": "/no/such/ood", "group": "near"}}}}, FileNotFoundError,
+     "prepare.ood.mine: image folder '/no/such/ood' does not exist"),
+    ({"prepare": {"fashion_mnist_dir": "/no/fmnist"}}, FileNotFoundError, "Fashion-MNIST not found: /no/fmnist"),
+    ({"prepare": {"ood": {"mnist": {"count": 999999}}}}, ParamError, "prepare.ood.mnist.count: 999999"),
+    ({"prepare": {"id": {"train_per_class": -3}}}, ParamError, "prepare.id.train_per_class: -3"),
+])
+def test_bad_params_give_a_clear_error(tmp_path, small_params, override, error, match):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier result")
+    with pytest.raises(error, match=match):
+        prepare.run(merged(small_params, override), out)
+    assert (out / "keep.txt").read_text() == "earlier result"  # a failed run loses nothing
+
+
+def test_torchvision_sets_need_download_and_say_so(tmp_path, small_params):
+    params = merged(small_params, {"prepare": {"id": {"source": "cifar10"}, "cache_dir": str(tmp_path)}})
+    with pytest.raises(FileNotFoundError, match="cifar10 is not in .*prepare.download: true"):
+        prepare.run(params, tmp_path / "out")
+
+
+def test_download_while_offline_is_a_clear_error(tmp_path, small_params, monkeypatch):
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    params = merged(small_params, {"prepare": {"ood": {"svhn": {"source": "svhn", "group": "far"}},
+                                               "download": True, "cache_dir": str(tmp_path)}})
+    with pytest.raises(ConnectionError, match="downloading svhn .* offline"):
+        prepare.run(params, tmp_path / "out")
