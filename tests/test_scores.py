@@ -1,0 +1,199 @@
+"""OOD scores: each ranks ID above OOD, KNN matches scikit-learn, Mahalanobis/ViM match direct
+computations, hyper-parameter selection on ID data, the registry."""
+
+import itertools
+
+import numpy as np
+import pytest
+from sklearn.neighbors import NearestNeighbors
+
+from mofe_ood import scores
+from mofe_ood.metrics import ood_metrics
+from mofe_ood.scores import SCORES, ViM, knn_kth_distance, make_score, select_hyper
+
+
+def synthetic(seed=0, n_train=100, n_val=50, n_ood=150, d=16, classes=4):
+    """Gaussian ID classes along the first axes, OOD cluster along an axis no class uses.
+
+    Noise is large in the first half of the dims and small in the second half,
+    where the OOD mean lies (outside ViM's principal subspace). The head is
+    the nearest-mean linear classifier: logit_c = mu_c.x - |mu_c|^2 / 2.
+    """
+    rng = np.random.default_rng(seed)
+    scale = np.r_[np.ones(d // 2), np.full(d - d // 2, 0.1)]
+    means = 5.0 * np.eye(d)[:classes]
+
+    def draw(mean_rows):
+        return mean_rows + rng.normal(size=mean_rows.shape) * scale
+
+    y_train, y_val = np.repeat(np.arange(classes), n_train), np.repeat(np.arange(classes), n_val)
+    ood = draw(np.tile(5.0 * np.eye(d)[d - 3], (n_ood, 1)))
+    head = (means, -0.5 * (means ** 2).sum(1))
+    return draw(means[y_train]), y_train, draw(means[y_val]), y_val, ood, head
+
+
+def logits_of(x, head):
+    return x @ head[0].T + head[1]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic()
+
+
+@pytest.mark.parametrize("name", list(SCORES))
+def test_each_score_ranks_id_above_ood(name, data):
+    x_train, y_train, x_val, y_val, x_ood, head = data
+    score = make_score(name).fit(x_train, y_train, logits_of(x_train, head), head)
+    s_id, s_ood = score.score(x_val, logits_of(x_val, head)), score.score(x_ood, logits_of(x_ood, head))
+    assert s_id.dtype == np.float64 and s_id.shape == (len(x_val),) and np.isfinite(s_id).all()
+    m = ood_metrics(s_id, s_ood, name="far cluster")
+    assert m["auroc"] > 0.98, m
+    assert m["fpr95"] < 0.1, m
+
+
+def test_flags_say_what_a_score_needs():
+    assert {n for n, c in SCORES.items() if c.needs_logits} == {"msp", "maxlogit", "energy"}
+    assert {n for n, c in SCORES.items() if c.needs_head} == {"vim"}
+    with pytest.raises(ValueError, match="needs logits"):
+        make_score("msp").score(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="head"):
+        make_score("vim").fit(np.zeros((5, 3)), np.zeros(5))
+
+
+def test_logit_scores_by_hand():
+    z = np.array([[2.0, 0.0, -1.0], [100.0, 100.0, 100.0], [-3.0, 4.0, 1.0]])
+    x = np.zeros((3, 2))
+    lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+    assert np.allclose(make_score("msp").score(x, z), np.exp(z.max(1) - lse), rtol=1e-12)
+    assert np.allclose(make_score("msp").score(x, z)[1], 1 / 3)
+    assert np.array_equal(make_score("maxlogit").score(x, z), z.max(1))
+    assert np.allclose(make_score("energy").score(x, z), lse, rtol=1e-12)
+    t = 4.0
+    lse_t = t * np.log(np.exp(z / t).sum(1))
+    assert np.allclose(make_score("energy", temperature=t).score(x, z), lse_t, rtol=1e-12)
+
+
+@pytest.mark.parametrize("k,chunk", [(1, None), (5, 7), (30, 1)])
+def test_knn_kth_distance_matches_sklearn(k, chunk):
+    rng = np.random.default_rng(k)
+    bank = rng.normal(size=(300, 24)).astype(np.float32) + rng.normal(size=24).astype(np.float32)
+    queries = np.concatenate([rng.normal(size=(60, 24)).astype(np.float32), bank[:5]])
+    ours = knn_kth_distance(bank, queries, k, chunk_size=chunk)
+    ref = NearestNeighbors(n_neighbors=k, metric="cosine").fit(bank).kneighbors(queries)[0][:, -1]
+    assert ours.dtype == np.float64
+    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
+    if k == 1:
+        np.testing.assert_allclose(ours[-5:], 0.0, atol=1e-6)  # a query in the bank finds itself
+
+
+def test_knn_score_is_minus_kth_distance_and_needs_k_within_bank():
+    rng = np.random.default_rng(3)
+    bank, queries = rng.normal(size=(50, 8)), rng.normal(size=(9, 8))
+    score = make_score("knn", k=4).fit(bank, np.zeros(50))
+    np.testing.assert_allclose(score.score(queries), -knn_kth_distance(bank, queries, 4), atol=1e-12)
+    # Scale does not matter (cosine): the L2 normalisation comes first.
+    np.testing.assert_allclose(score.score(queries * 7.5), score.score(queries), atol=1e-6)
+    with pytest.raises(ValueError, match="k=51"):
+        make_score("knn", k=51).fit(bank, np.zeros(50))
+    with pytest.raises(ValueError, match="dims"):
+        score.score(np.zeros((2, 5)))
+
+
+def mahalanobis_direct(x_train, y_train, x):
+    classes = np.unique(y_train)
+    means = np.stack([x_train[y_train == c].mean(0) for c in classes])
+    centred = x_train - means[y_train]
+    precision = np.linalg.pinv(centred.T @ centred / len(x_train))
+    dists = np.stack([np.einsum("nd,de,ne->n", x - m, precision, x - m) for m in means], axis=1)
+    return -dists.min(axis=1)
+
+
+def test_mahalanobis_matches_direct_numpy(data):
+    x_train, y_train, x_val, _, x_ood, _ = data
+    queries = np.concatenate([x_val[:40], x_ood[:40]])
+    ours = make_score("mahalanobis").fit(x_train, y_train).score(queries)
+    np.testing.assert_allclose(ours, mahalanobis_direct(x_train, y_train, queries), rtol=1e-8, atol=1e-8)
+
+    def unit(a):
+        return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+    ours_pp = make_score("mahalanobis_pp").fit(x_train, y_train).score(queries)
+    np.testing.assert_allclose(ours_pp, mahalanobis_direct(unit(x_train), y_train, unit(queries)),
+                               rtol=1e-8, atol=1e-8)
+
+
+def test_vim_hand_built_case():
+    # Train: every corner of {-3, 3}^2 x {-0.1, 0.1}^2, so the second moment about the origin is
+    # diag(9, 9, 0.01, 0.01): with dim=2 the principal space is dims 0-1, the residual dims 2-3.
+    x_train = np.array(list(itertools.product([-3.0, 3.0], [-3.0, 3.0], [-0.1, 0.1], [-0.1, 0.1])))
+    w, b = np.eye(4)[:2], np.zeros(2)  # logits = (x0, x1), origin u = -pinv(W) b = 0
+    vim = ViM(dim=2).fit(x_train, np.zeros(len(x_train)), head=(w, b))
+    np.testing.assert_allclose(vim.origin_, 0.0, atol=1e-12)
+    # alpha = mean train max-logit / mean residual norm = ((3 + 3 + 3 - 3) / 4) / sqrt(0.02)
+    assert vim.alpha_ == pytest.approx(1.5 / np.sqrt(0.02), rel=1e-10)
+    x = np.array([[1.0, 2.0, 0.3, -0.4], [0.0, 0.0, 0.0, 0.0], [-2.0, 5.0, 1.0, 0.0]])
+    expected = np.log(np.exp(x[:, 0]) + np.exp(x[:, 1])) - vim.alpha_ * np.linalg.norm(x[:, 2:], axis=1)
+    np.testing.assert_allclose(vim.score(x), expected, rtol=1e-10)
+    np.testing.assert_allclose(vim.score(x, logits=x[:, :2]), expected, rtol=1e-10)  # given logits win
+    # A bias moves the origin to where the logits vanish.
+    biased = ViM(dim=2).fit(x_train, None, head=(w, np.array([1.0, -2.0])))
+    np.testing.assert_allclose(biased.origin_, [-1.0, 2.0, 0.0, 0.0], atol=1e-12)
+
+
+def test_vim_default_dim():
+    def fitted_dim(d, dim=None):
+        x = np.random.default_rng(0).normal(size=(3 * d, d))
+        head = (np.eye(d)[:3], np.zeros(3))
+        return ViM(dim).fit(x, None, head=head).dim_
+
+    assert fitted_dim(16) == 8  # small D: D // 2
+    assert fitted_dim(16, dim=5) == 5
+    assert fitted_dim(16, dim=64) == 8  # no residual left otherwise
+    assert ViM()._dim_for(768) == 512 and ViM()._dim_for(2048) == 1000 and ViM()._dim_for(1280) == 512
+
+
+def test_select_hyper_knn_picks_a_candidate_deterministically(data):
+    x_train, y_train, x_val, y_val, _, _ = data
+    candidates = [{"k": 1}, {"k": 10}, {"k": 50}, {"k": len(x_train)}]
+    best, table = select_hyper("knn", candidates, x_train, y_train, x_val, y_val)
+    assert best in candidates
+    assert [row["hyper"] for row in table] == candidates
+    assert best == max(table, key=lambda row: row["auroc"])["hyper"]
+    # K = the whole bank measures nothing local: clearly worse than a small K.
+    assert table[-1]["auroc"] < table[1]["auroc"] - 0.1
+    assert best != {"k": len(x_train)}
+    again = select_hyper("knn", candidates, x_train, y_train, x_val, y_val)
+    assert again == (best, table)
+    assert all(len(row["fold_auroc"]) == 4 for row in table)  # 4 classes: one held out per fold
+
+
+def test_select_hyper_with_logits_and_head(data):
+    x_train, y_train, x_val, y_val, _, head = data
+    kwargs = dict(train_logits=logits_of(x_train, head), val_logits=logits_of(x_val, head), head=head)
+    best, table = select_hyper("vim", [{"dim": 2}, {"dim": 8}], x_train, y_train, x_val, y_val, folds=2, **kwargs)
+    assert best in [{"dim": 2}, {"dim": 8}] and len(table[0]["fold_auroc"]) == 2
+    assert all(0.5 < row["auroc"] <= 1.0 for row in table)
+    best, _ = select_hyper("energy", [{"temperature": 1.0}, {"temperature": 10.0}], x_train, y_train,
+                           x_val, y_val, **kwargs)
+    assert best in [{"temperature": 1.0}, {"temperature": 10.0}]
+    with pytest.raises(ValueError, match="needs logits"):
+        select_hyper("msp", [{}], x_train, y_train, x_val, y_val)
+
+
+def test_registry_errors():
+    with pytest.raises(ValueError, match=r"unknown OOD score 'bogus'.*msp.*knn.*vim"):
+        make_score("bogus")
+    with pytest.raises(ValueError, match="unknown OOD score 'bogus'"):
+        select_hyper("bogus", [{}], np.zeros((4, 2)), np.arange(4), np.zeros((4, 2)), np.arange(4))
+    with pytest.raises(ValueError, match=r"'knn'.*dim.*takes: k, chunk_size"):
+        make_score("knn", dim=3)
+    assert isinstance(make_score("knn", k=3), scores.KNN) and make_score("knn", k=3).k == 3
+
+
+def test_select_hyper_skips_a_k_larger_than_the_bank(data):
+    x_train, y_train, x_val, y_val, _, _ = data
+    best, table = select_hyper("knn", [{"k": 5}, {"k": 10_000}], x_train, y_train, x_val, y_val, folds=2)
+    assert best == {"k": 5} and table[1]["auroc"] is None and table[1]["fold_auroc"] == []
+    with pytest.raises(ValueError, match="no candidate fits"):
+        select_hyper("knn", [{"k": 10_000}], x_train, y_train, x_val, y_val)
