@@ -1,0 +1,416 @@
+"""Mixture of Feature Experts (MoFE, METHOD.md section 3) and the heads it is compared with.
+
+MoFE = E feature experts, each owning the feature subspace of one group of ID
+classes, a router that predicts the ID class and sends the sample to its
+class's group expert, and ONE shared linear classifier over all ID classes on
+the routed feature. The routed feature replaces the backbone feature: the KNN
+score reads it, ViM reads the classifier (`classifier_weights`).
+
+On pooled features a `stem` of MLP blocks stands in for the backbone layers
+below the paper's last block: trained in phase 1, frozen after, and read by
+the router. (The paper's router reads the fine-tuned CLS token entering the
+last block; a linear router on frozen features is only as good as a linear
+probe.) With block experts the ViT trunk plays this part (finetune.py).
+
+Expert kinds share one constructor signature `(dim, hidden_features, drop, init_from)`:
+- `BlockExpert` (the paper's): a copy of a timm ViT's last transformer block and
+  final norm, on token sequences (fine-tuning, GPU);
+- `MLPExpert` (ours): residual MLP + LayerNorm on pooled features (cached
+  frozen features, CPU).
+
+Training (`trainable_parameters` + `phase_loss`), the paper's three phases:
+1. "base": the baseline (feature path: stem + expert 0 + classifier, every
+   sample through expert 0; fine-tuning: backbone + classifier). Then `copy_expert(0)`
+   initialises every expert from it, as the paper copies the fine-tuned block.
+2. "experts": expert e alone on its group: in-group samples with their labels
+   (mixed by (Dynamic-β) mixup), paired 1:1 with out-of-group samples whose
+   target is an extra "other" logit (`other_heads[e]`, ours), weighted 0.1.
+   The shared classifier stays frozen so every expert keeps mapping into it.
+3. "router": the router alone, everything else frozen.
+Plus "joint" (ours): everything in one phase, hard routing by the true
+label's group while training (teacher forcing).
+`enter_phase` sets requires_grad and train/eval mode (frozen parts run in eval
+mode: no dropout) for a phase.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EXPERT_KINDS = ("mlp", "block")
+ROUTER_MODES = ("hard", "soft")
+PHASES = ("base", "experts", "router", "joint")
+GROUP_METHODS = ("kmeans", "agglomerative")
+
+
+# ---------------------------------------------------------------- class groups
+
+def check_groups(table, num_classes: int, num_experts: int) -> np.ndarray:
+    """A class->group table as an int array; every one of the E groups must own a class."""
+    groups = np.asarray(table)
+    if groups.shape != (num_classes,) or not np.issubdtype(groups.dtype, np.integer):
+        raise ValueError(f"group table: expected {num_classes} integer group ids (one per class), got {table!r}")
+    if groups.min() < 0 or groups.max() >= num_experts:
+        raise ValueError(f"group table: ids must lie in 0..{num_experts - 1}, got {groups.tolist()}")
+    empty = sorted(set(range(num_experts)) - set(groups.tolist()))
+    if empty:
+        raise ValueError(f"group table: groups {empty} own no class (every expert needs a group)")
+    return groups.astype(np.int64)
+
+
+def class_groups(class_means, num_experts: int, method: str = "kmeans", table=None,
+                 seed: int = 0) -> np.ndarray:
+    """class -> group (int array, groups numbered by first class): `table` if given, else a
+    clustering of the L2-normalised class-mean features (cosine geometry, as the KNN score's)."""
+    means = np.asarray(class_means, np.float64)
+    num_classes = len(means)
+    if not 1 <= num_experts <= num_classes:
+        raise ValueError(f"num_experts {num_experts} must be between 1 and the {num_classes} classes")
+    if table is not None:
+        return check_groups(table, num_classes, num_experts)
+    unit = means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+    if num_experts == 1:
+        raw = np.zeros(num_classes, np.int64)
+    elif method == "kmeans":
+        from sklearn.cluster import KMeans
+
+        km = KMeans(n_clusters=num_experts, n_init=10, random_state=seed).fit(unit)
+        raw = _fill_empty(km.labels_, unit, num_experts)
+    elif method == "agglomerative":
+        from sklearn.cluster import AgglomerativeClustering
+
+        raw = AgglomerativeClustering(n_clusters=num_experts, metric="cosine",
+                                      linkage="average").fit_predict(unit)
+    else:
+        raise ValueError(f"group method {method!r} is not one of {GROUP_METHODS}")
+    order = {g: i for i, g in enumerate(dict.fromkeys(raw.tolist()))}
+    return check_groups(np.array([order[g] for g in raw], np.int64), num_classes, num_experts)
+
+
+def _fill_empty(labels: np.ndarray, points: np.ndarray, k: int) -> np.ndarray:
+    """Give every empty cluster the point farthest from its centroid in the largest cluster."""
+    labels = labels.copy()
+    for g in range(k):
+        if (labels == g).any():
+            continue
+        big = np.bincount(labels, minlength=k).argmax()
+        members = np.flatnonzero(labels == big)
+        centre = points[members].mean(0)
+        labels[members[np.linalg.norm(points[members] - centre, axis=1).argmax()]] = g
+    return labels
+
+
+# ---------------------------------------------------------------- experts
+
+class MLPExpert(nn.Module):
+    """Feature expert on pooled features (ours): LayerNorm(x + MLP(x)); at init (zero last layer) LayerNorm(x)."""
+
+    def __init__(self, dim: int, hidden_features: int | None = None, drop: float = 0.0,
+                 init_from: nn.Module | None = None):
+        super().__init__()
+        hidden = hidden_features or dim
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.norm = nn.LayerNorm(dim)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+        if init_from is not None:
+            self.load_state_dict(init_from.state_dict())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class BlockExpert(nn.Module):
+    """The paper's expert: a copy of a ViT's last transformer block + final norm; tokens -> normalised CLS.
+
+    `init_from`: a timm VisionTransformer (its `blocks[-1]`, `norm`, `fc_norm`
+    are deep-copied) or another BlockExpert. `hidden_features`/`drop` are the
+    copied block's own; they are accepted for the shared signature only.
+    """
+
+    def __init__(self, dim: int, hidden_features: int | None = None, drop: float = 0.0,
+                 init_from: nn.Module | None = None):
+        super().__init__()
+        if init_from is None:
+            raise ValueError("BlockExpert needs init_from: a timm ViT (or a BlockExpert) to copy the block of")
+        if isinstance(init_from, BlockExpert):
+            self.block, self.norm = copy.deepcopy(init_from.block), copy.deepcopy(init_from.norm)
+            self.fc_norm, self.pool = copy.deepcopy(init_from.fc_norm), init_from.pool
+        else:
+            self.block, self.norm = copy.deepcopy(init_from.blocks[-1]), copy.deepcopy(init_from.norm)
+            self.fc_norm = copy.deepcopy(getattr(init_from, "fc_norm", nn.Identity()))
+            self.pool = getattr(init_from, "global_pool", "token")
+        if self.norm.normalized_shape[0] != dim:
+            raise ValueError(f"BlockExpert: the block has width {self.norm.normalized_shape[0]}, not {dim}")
+        self.num_prefix_tokens = 1 if self.pool == "token" else getattr(init_from, "num_prefix_tokens", 1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.block(tokens))
+        x = x[:, 0] if self.pool == "token" else x[:, self.num_prefix_tokens:].mean(1)
+        return self.fc_norm(x)
+
+
+EXPERTS = {"mlp": MLPExpert, "block": BlockExpert}
+
+
+def tokens_before_last_block(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """A timm ViT's token sequence entering its last block (what BlockExperts and the router read)."""
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+    for block in vit.blocks[:-1]:
+        x = block(x)
+    return x
+
+
+# ---------------------------------------------------------------- router
+
+class Router(nn.Module):
+    """The paper's router: linear on the input feature (the CLS token entering the last block)
+    predicting the ID class; a fixed class->group table turns it into expert gates.
+
+    mode "hard" (paper): top-1, each sample goes to its predicted class's group expert.
+    mode "soft" (ours): group probability = sum of its classes' softmax, top_k kept, renormalised.
+    """
+
+    def __init__(self, dim: int, num_classes: int, class_to_group, mode: str = "hard", top_k: int = 1):
+        super().__init__()
+        if mode not in ROUTER_MODES:
+            raise ValueError(f"router mode {mode!r} is not one of {ROUTER_MODES}")
+        groups = torch.as_tensor(np.asarray(class_to_group), dtype=torch.long)
+        self.num_experts = int(groups.max()) + 1
+        if not 1 <= top_k <= self.num_experts:
+            raise ValueError(f"router top_k {top_k} must be between 1 and {self.num_experts}")
+        self.mode, self.top_k = mode, top_k
+        self.fc = nn.Linear(dim, num_classes)
+        self.register_buffer("class_to_group", groups)
+        # membership[c, g] = 1 if class c is in group g: sums class probabilities into group ones
+        self.register_buffer("membership", F.one_hot(groups, self.num_experts).float())
+
+    def gates_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(self.class_to_group[labels], self.num_experts).float()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (class logits N x C, gates N x E: non-negative, each row sums to 1)."""
+        logits = self.fc(x)
+        if self.mode == "hard":
+            return logits, self.gates_from_labels(logits.argmax(1))
+        group_probs = logits.softmax(1) @ self.membership
+        top, idx = group_probs.topk(self.top_k, dim=1)
+        gates = torch.zeros_like(group_probs).scatter(1, idx, top)
+        return logits, gates / gates.sum(1, keepdim=True)
+
+
+# ---------------------------------------------------------------- MoFE
+
+class MoFE(nn.Module):
+    """Mixture of Feature Experts: router -> one expert per group -> shared linear classifier.
+
+    Input: pooled features N x D (mlp experts) or tokens N x T x D (block experts).
+    `forward(x) -> dict(feature, logits, router_logits, gates)`; `feature` is the
+    routed expert output (the gate-weighted sum of the top-k experts when soft).
+    """
+
+    def __init__(self, dim: int, num_classes: int, class_to_group, expert: str = "mlp",
+                 hidden_features: int | None = None, drop: float = 0.0, router: str = "hard",
+                 top_k: int = 1, stem_blocks: int = 0, init_from: nn.Module | None = None):
+        super().__init__()
+        if expert not in EXPERTS:
+            raise ValueError(f"expert kind {expert!r} is not one of {EXPERT_KINDS}")
+        if stem_blocks and expert == "block":
+            raise ValueError("a stem is for pooled features; block experts read the ViT trunk's tokens")
+        groups = check_groups(class_to_group, num_classes, int(np.max(class_to_group)) + 1)
+        self.dim, self.num_classes, self.num_experts = dim, num_classes, int(groups.max()) + 1
+        self.stem = nn.Sequential(*(MLPExpert(dim, hidden_features, drop) for _ in range(stem_blocks)))
+        self.experts = nn.ModuleList(
+            EXPERTS[expert](dim, hidden_features, drop, init_from=init_from) for _ in range(self.num_experts))
+        self.router = Router(dim, num_classes, groups, mode=router, top_k=top_k)
+        self.classifier = nn.Linear(dim, num_classes)
+        self.other_heads = nn.ModuleList(nn.Linear(dim, 1) for _ in range(self.num_experts))
+
+    @property
+    def groups(self) -> np.ndarray:
+        return self.router.class_to_group.cpu().numpy()
+
+    def copy_expert(self, source: int = 0) -> None:
+        """Initialise every expert from expert `source` (after phase 1)."""
+        state = self.experts[source].state_dict()
+        for e, expert in enumerate(self.experts):
+            if e != source:
+                expert.load_state_dict(state)
+
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router on the experts' input `h` (the stem's output; tokens: their CLS token)."""
+        return self.router(h if h.ndim == 2 else h[:, 0])
+
+    def mix_experts(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Each sample through the experts its gate row selects (hard: exactly one), weighted."""
+        out = None
+        for e, expert in enumerate(self.experts):
+            idx = torch.nonzero(gates[:, e] > 0, as_tuple=True)[0]
+            if len(idx) == 0:
+                continue
+            y = expert(x[idx]) * gates[idx, e, None].to(x.dtype)
+            out = y.new_zeros(len(x), y.shape[1]).index_add(0, idx, y) if out is None else out.index_add(0, idx, y)
+        return out if out is not None else x.new_zeros(len(x), self.dim)
+
+    def forward(self, x: torch.Tensor, route_labels: torch.Tensor | None = None,
+                expert: int | None = None) -> dict[str, torch.Tensor]:
+        """`route_labels`: route by these labels' groups (oracle / teacher forcing);
+        `expert`: send every sample through that expert (phases 1 and 2)."""
+        x = self.stem(x)
+        router_logits, gates = self.route(x)
+        if expert is not None:
+            gates = F.one_hot(torch.full((len(x),), expert, dtype=torch.long, device=x.device),
+                              self.num_experts).to(gates.dtype)
+        elif route_labels is not None:
+            gates = self.router.gates_from_labels(route_labels)
+        feature = self.mix_experts(x, gates)
+        return {"feature": feature, "logits": self.classifier(feature), "router_logits": router_logits,
+                "gates": gates}
+
+    def classifier_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, b) of the shared classifier, logits = feature @ W.T + b (for ViM)."""
+        return self.classifier.weight, self.classifier.bias
+
+
+# ---------------------------------------------------------------- heads compared with MoFE
+
+class LinearProbe(nn.Module):
+    """Linear probe on the input features; `feature` is the input itself."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.classifier = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"feature": x, "logits": self.classifier(x)}
+
+    def classifier_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.classifier.weight, self.classifier.bias
+
+
+class MLPHead(nn.Module):
+    """One hidden layer (fc -> GELU) and a linear classifier; `feature` is the hidden activation."""
+
+    def __init__(self, dim: int, num_classes: int, hidden_features: int | None = None, drop: float = 0.0):
+        super().__init__()
+        hidden = hidden_features or dim
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(drop)
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feature = self.act(self.fc1(x))
+        return {"feature": feature, "logits": self.classifier(self.drop(feature))}
+
+    def classifier_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.classifier.weight, self.classifier.bias
+
+
+# ---------------------------------------------------------------- training phases
+
+def phase_modules(model: MoFE, phase: str, expert: int | None = None) -> list[nn.Module]:
+    """The modules phase `phase` trains (phase "experts": those of expert `expert`)."""
+    if phase == "base":
+        modules = [model.stem, model.experts[0], model.classifier]
+    elif phase == "experts":
+        if expert is None or not 0 <= expert < model.num_experts:
+            raise ValueError(f"phase 'experts' needs an expert index in 0..{model.num_experts - 1}, got {expert}")
+        modules = [model.experts[expert], model.other_heads[expert]]
+    elif phase == "router":
+        modules = [model.router]
+    elif phase == "joint":
+        modules = [model.stem, model.experts, model.router, model.classifier]
+    else:
+        raise ValueError(f"phase {phase!r} is not one of {PHASES}")
+    return modules
+
+
+def trainable_parameters(model: MoFE, phase: str, expert: int | None = None) -> list[nn.Parameter]:
+    """The parameters phase `phase` trains."""
+    return [p for m in phase_modules(model, phase, expert) for p in m.parameters()]
+
+
+def enter_phase(model: MoFE, phase: str, expert: int | None = None) -> list[nn.Parameter]:
+    """Train mode and gradients for the phase's modules only; -> their parameters (for the optimizer)."""
+    model.eval()
+    for m in phase_modules(model, phase, expert):
+        m.train()
+    return set_trainable(model, trainable_parameters(model, phase, expert))
+
+
+def set_trainable(root: nn.Module, params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """Freeze every parameter of `root` except `params` (returned, for the optimizer)."""
+    keep = {id(p) for p in params}
+    for p in root.parameters():
+        p.requires_grad_(id(p) in keep)
+    return params
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -(targets * logits.float().log_softmax(1)).sum(1).mean()
+
+
+def phase_loss(model: MoFE, phase: str, x: torch.Tensor, labels: torch.Tensor, *, expert: int | None = None,
+               x_other: torch.Tensor | None = None, mixup=None, generator: torch.Generator | None = None,
+               label_smoothing: float = 0.0, other_weight: float = 0.1,
+               targets: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss of one batch in phase `phase` (see the module docstring).
+
+    `x`, `labels`: the batch (phase "experts": the in-group samples of expert
+    `expert`; `x_other`: as many out-of-group samples). `mixup`: a Mixup or
+    DynamicBetaMixup (None: no mixing) for phases base, experts and joint.
+    `targets`: soft targets of an `x` mixed already (image-space mixup upstream).
+    """
+    from mofe_ood.mixup import soft_targets
+
+    def mixed(inputs, ys):
+        if targets is not None:
+            return inputs, targets
+        if mixup is None:
+            return inputs, soft_targets(ys, model.num_classes, label_smoothing)
+        mx, mt, _ = mixup(inputs, ys, ys, generator)
+        return mx, mt
+
+    if phase == "base":
+        xm, t = mixed(x, labels)
+        return soft_cross_entropy(model(xm, expert=0)["logits"], t)
+    if phase == "experts":
+        if expert is None:
+            raise ValueError("phase 'experts' needs the expert index")
+        xm, t = mixed(x, labels)
+        t = F.pad(t, (0, 1))  # the "other" column: 0 for in-group samples
+        net, other = model.experts[expert], model.other_heads[expert]
+
+        def logits_of(inputs):
+            f = net(model.stem(inputs))
+            return torch.cat([model.classifier(f), other(f)], 1)
+
+        loss = soft_cross_entropy(logits_of(xm), t)
+        if x_other is not None and len(x_other):
+            target = torch.full((len(x_other),), model.num_classes, dtype=torch.long, device=x.device)
+            loss = loss + other_weight * F.cross_entropy(logits_of(x_other).float(), target)
+        return loss
+    if phase == "router":
+        h = model.stem(x)
+        router_logits, gates = model.route(h)
+        loss = F.cross_entropy(router_logits.float(), labels, label_smoothing=label_smoothing)
+        if model.router.mode == "soft":  # gates are differentiable: also fit the mixture's output
+            logits = model.classifier(model.mix_experts(h, gates))
+            loss = loss + F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        return loss
+    if phase == "joint":
+        xm, t = mixed(x, labels)
+        out = model(xm, route_labels=labels if model.router.mode == "hard" else None)
+        router_logits, _ = model.route(model.stem(x))
+        return soft_cross_entropy(out["logits"], t) + F.cross_entropy(
+            router_logits.float(), labels, label_smoothing=label_smoothing)
+    raise ValueError(f"phase {phase!r} is not one of {PHASES}")

@@ -1,0 +1,219 @@
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mofe_ood import train
+from mofe_ood.params import ParamError
+
+# Small enough to train every variant in seconds, long enough to converge.
+TINY = {"epochs": 10, "expert_epochs": 4, "router_epochs": 4, "batch_size": 32, "hidden_features": 64,
+        "lr": 5e-3, "linear_lr": 3e-2, "mofe": {"num_experts": 3}, "num_threads": 1}
+
+
+def synthetic_features(root: Path, seed: int = 0, classes: int = 6, dim: int = 8, per_class: int = 100,
+                       val_per_class: int = 30, blobs: int = 3) -> Path:
+    """extract's layout; every class is a mixture of Gaussian blobs (not linearly separable)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, blobs, dim)) * 3.0
+    root.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, n in (("train", per_class), ("val", val_per_class)):
+        labels = np.repeat(np.arange(classes), n)
+        x = centres[labels, rng.integers(blobs, size=len(labels))] + rng.normal(size=(len(labels), dim)) * 0.5
+        np.savez(root / f"{split}.npz", features=x.astype(np.float32), labels=labels.astype(np.int64))
+        splits[split] = {"kind": "id", "group": None, "count": len(labels)}
+    info = {"backbone": "synthetic", "weights": "random", "image_size": 0, "feature_dim": dim,
+            "classes": [f"class{i}" for i in range(classes)], "splits": splits}
+    (root / "info.json").write_text(json.dumps(info))
+    return root
+
+
+def params(**train_overrides):
+    from mofe_ood.params import merged
+
+    return {"base": {"seed": 0}, "train": merged(TINY, train_overrides)}
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+    return synthetic_features(tmp_path_factory.mktemp("features"))
+
+
+@pytest.fixture(scope="module")
+def trained(features, tmp_path_factory):
+    models = tmp_path_factory.mktemp("run") / "models"
+    summary = train.run(params(), features, models)
+    return models, summary
+
+
+def val_data(features):
+    with np.load(features / "val.npz") as f:
+        return torch.from_numpy(f["features"]), torch.from_numpy(f["labels"])
+
+
+def history(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_variant_writes_its_files_and_loads_back(features, trained):
+    models, summary = trained
+    x, y = val_data(features)
+    assert sorted(summary) == sorted(train.VARIANTS)
+    assert json.loads((models / "metrics.json").read_text()) == summary
+    for variant in train.VARIANTS:
+        folder = models / variant
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "history.csv", "model.safetensors"]
+        model, cfg = train.load_model(folder)
+        assert cfg["variant"] == variant and cfg["classes"] == [f"class{i}" for i in range(6)]
+        assert cfg["params"]["seed"] == 0 and cfg["params"]["train"]["epochs"] == 10
+        with torch.no_grad():
+            out = model(x)
+        # the reloaded model predicts exactly what the trained one did on the last epoch
+        assert float((out["logits"].argmax(1) == y).double().mean()) == cfg["val_accuracy"]
+        assert cfg["val_accuracy"] == summary[variant]["val_accuracy"]
+        weight, bias = model.classifier_weights()
+        assert torch.allclose(out["logits"], out["feature"] @ weight.T + bias, atol=1e-5)
+        rows = history(folder / "history.csv")
+        assert float(rows[-1]["val_accuracy"]) == cfg["val_accuracy"]
+        assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1))
+    with torch.no_grad():
+        assert torch.equal(train.load_model(models / "linear")[0](x)["feature"], x)
+        assert train.load_model(models / "mlp")[0](x)["feature"].shape == (len(x), 64)
+        out = train.load_model(models / "mofe_dynmix")[0](x)
+    assert out["feature"].shape == (len(x), 8) and torch.equal(out["gates"].sum(1), torch.ones(len(x)))
+    cfg = json.loads((models / "mofe" / "config.json").read_text())
+    assert len(cfg["groups"]) == 6 and sorted(set(cfg["groups"])) == [0, 1, 2]
+
+
+def test_history_records_phases_and_alphas(trained):
+    models, _ = trained
+    rows = history(models / "mofe_dynmix" / "history.csv")
+    phases = [r["phase"] for r in rows]
+    assert phases == ["base"] * 10 + ["expert0"] * 4 + ["expert1"] * 4 + ["expert2"] * 4 + ["router"] * 4
+    alphas = np.array([[float(r[f"alpha_{c}"]) for c in range(6)] for r in rows])
+    assert ((alphas >= 0.1 - 1e-9) & (alphas <= 1.0 + 1e-9)).all()
+    assert len({tuple(a) for a in alphas}) > 1  # re-estimated every epoch
+    plain = history(models / "mofe" / "history.csv")
+    assert {float(r["alpha_0"]) for r in plain} == {0.2}
+    assert "alpha_0" not in history(models / "linear" / "history.csv")[0]
+
+
+def test_mofe_dynmix_is_at_least_as_accurate_as_the_linear_probe(trained):
+    _, summary = trained
+    assert summary["mofe_dynmix"]["val_accuracy"] >= summary["linear"]["val_accuracy"]
+    assert summary["mlp"]["val_accuracy"] > summary["linear"]["val_accuracy"]  # the task is non-linear
+
+
+def test_same_seed_same_weights_and_metrics(features, trained, tmp_path):
+    models, summary = trained
+    again = train.run(params(variants=["linear", "mofe_dynmix"]), features, tmp_path / "models")
+    for variant in ("linear", "mofe_dynmix"):
+        assert again[variant]["val_accuracy"] == summary[variant]["val_accuracy"]
+        assert (tmp_path / "models" / variant / "model.safetensors").read_bytes() == \
+            (models / variant / "model.safetensors").read_bytes()
+        assert (tmp_path / "models" / variant / "history.csv").read_text() == \
+            (models / variant / "history.csv").read_text()
+    other = {"base": {"seed": 1}, "train": params(variants=["linear"])["train"]}
+    train.run(other, features, tmp_path / "seed1")
+    assert (tmp_path / "seed1" / "linear" / "model.safetensors").read_bytes() != \
+        (models / "linear" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("stop_after", [12, 10])  # mid-phase 2; exactly at the end of phase 1
+def test_a_resumed_run_equals_an_uninterrupted_one(features, trained, tmp_path, monkeypatch, stop_after):
+    models, summary = trained
+    ckpt = tmp_path / "ckpt"
+    p = params(variants=["mofe_dynmix"], checkpoint_dir=str(ckpt))
+    save, calls = train._save_checkpoint, []
+
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == stop_after:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(train, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(p, features, tmp_path / "models")
+    assert (ckpt / "mofe_dynmix" / "state.json").is_file() and not (tmp_path / "models").exists()
+    monkeypatch.setattr(train, "_save_checkpoint", save)
+    resumed = train.run(p, features, tmp_path / "models")
+    assert resumed["mofe_dynmix"]["epochs"] == 26
+    assert (tmp_path / "models" / "mofe_dynmix" / "model.safetensors").read_bytes() == \
+        (models / "mofe_dynmix" / "model.safetensors").read_bytes()
+    assert (tmp_path / "models" / "mofe_dynmix" / "history.csv").read_text() == \
+        (models / "mofe_dynmix" / "history.csv").read_text()
+    assert not (ckpt / "mofe_dynmix").exists()  # done: the checkpoint is removed
+
+
+def test_checkpoint_of_other_params_is_ignored(features, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    small = params(variants=["linear"], epochs=2, checkpoint_dir=str(ckpt))
+    train.run(small, features, tmp_path / "a")
+    (ckpt / "linear").mkdir(parents=True)  # left behind by a run of other params
+    (ckpt / "linear" / "state.json").write_text(json.dumps({"fingerprint": "other", "step": 0, "epoch": 1}))
+    train.run(small, features, tmp_path / "b")
+    assert (tmp_path / "a" / "linear" / "model.safetensors").read_bytes() == \
+        (tmp_path / "b" / "linear" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("mofe", [{"training": "joint"}, {"router": "soft", "top_k": 2},
+                                  {"groups": "agglomerative", "group_table": [0, 0, 1, 1, 2, 2]}])
+def test_mofe_options_train_and_load(features, tmp_path, mofe):
+    p = params(variants=["mofe"], epochs=3, expert_epochs=1, router_epochs=1, mofe=mofe)
+    summary = train.run(p, features, tmp_path / "models")
+    model, cfg = train.load_model(tmp_path / "models" / "mofe")
+    if "group_table" in mofe:
+        assert cfg["groups"] == [0, 0, 1, 1, 2, 2]
+    x, _ = val_data(features)
+    with torch.no_grad():
+        out = model(x)
+    assert torch.allclose(out["gates"].sum(1), torch.ones(len(x)))
+    assert summary["mofe"]["epochs"] == (3 if mofe.get("training") == "joint" else 3 + 3 + 1)
+
+
+@pytest.mark.parametrize("override, name", [
+    ({"mofe": {"num_experts": 7}}, "train.mofe.num_experts"),
+    ({"dynmix": {"alpha_min": 2.0, "alpha_max": 1.0}}, "train.dynmix.alpha_min"),
+    ({"mofe": {"expert": "transformer"}}, "train.mofe.expert"),
+    ({"mofe": {"expert": "block"}}, "train.mofe.expert"),
+    ({"variants": ["linear", "mofe_fancy"]}, "train.variants"),
+    ({"variants": []}, "train.variants"),
+    ({"mofe": {"router": "random"}}, "train.mofe.router"),
+    ({"mofe": {"top_k": 2}}, "train.mofe.top_k"),
+    ({"mofe": {"training": "sometimes"}}, "train.mofe.training"),
+    ({"mofe": {"groups": "wordnet"}}, "train.mofe.groups"),
+    ({"mofe": {"group_table": [0, 1, 2]}}, "train.mofe.group_table"),
+    ({"lr": -0.001}, "train.lr"),
+    ({"epochs": 0}, "train.epochs"),
+    ({"batch_size": 2.5}, "train.batch_size"),
+    ({"label_smoothing": 1.0}, "train.label_smoothing"),
+    ({"dynmix": {"difficulty": "vibes"}}, "train.dynmix.difficulty"),
+    ({"dynmix": {"momentum": 1.0}}, "train.dynmix.momentum"),
+])
+def test_bad_params_fail_before_training_naming_the_param(features, tmp_path, monkeypatch, override, name):
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(train, "train_variant", no_training)
+    with pytest.raises(ParamError, match=name.replace(".", r"\.")):
+        train.run(params(**override), features, tmp_path / "models")
+    assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize("dynmix", [{"accuracy_from": "train"}, {"difficulty": "counts"},
+                                    {"alpha_min": 0.4, "alpha_max": 0.4}])
+def test_dynmix_options(features, tmp_path, dynmix):
+    p = params(variants=["mofe_dynmix"], epochs=3, expert_epochs=1, router_epochs=1, dynmix=dynmix)
+    train.run(p, features, tmp_path / "models")
+    alphas = {tuple(float(r[f"alpha_{c}"]) for c in range(6))
+              for r in history(tmp_path / "models" / "mofe_dynmix" / "history.csv")}
+    if "accuracy_from" in dynmix:
+        assert len(alphas) > 1
+    else:  # balanced counts -> every class at alpha_max, for good; equal bounds -> plain mixup
+        assert alphas == {(dynmix.get("alpha_max", 1.0),) * 6}
