@@ -11,6 +11,7 @@ import importlib
 import json
 import logging
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -18,6 +19,14 @@ import yaml
 STAGES = {
     "prepare": ("mofe_ood.prepare", "build the ID splits and OOD sets under data/prepared"),
     "extract": ("mofe_ood.extract", "frozen-backbone features under data/features"),
+    "train": ("mofe_ood.train", "train the heads (linear, mlp, mofe, mofe_dynmix) into models/"),
+    "evaluate": ("mofe_ood.evaluate", "every variant x OOD score x OOD set into reports/"),
+    "register": ("mofe_ood.register", "log the run to MLflow and register the model behind the promotion gate"),
+}
+# User commands (not pipeline stages): name -> help; arguments in add_user_commands.
+USER_COMMANDS = {
+    "score": "classify images and flag OOD ones (one JSON line per image, or CSV with --out)",
+    "promote": "move the registry's `champion` alias to a model version (same gate as register)",
 }
 
 
@@ -45,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         sub.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                          help="override a param for this run only (repeatable)")
+    add_user_commands(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -52,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     from mofe_ood import params as params_mod
 
     try:
-        params = params_mod.merged(params_mod.load(args.params), parse_set(args.set))
+        params = params_mod.merged(load_params(args.params, args.command), parse_set(args.set))
+        if args.command in USER_COMMANDS:
+            return {"score": score, "promote": promote}[args.command](args, params)
         module = importlib.import_module(STAGES[args.command][0])
         result = module.run(params)
     except (params_mod.ParamError, FileNotFoundError, ConnectionError, ValueError) as err:
@@ -63,6 +75,90 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(result, dict) and "splits" in result:
         summary["splits"] = {k: v.get("count") for k, v in result["splits"].items()}
     print(json.dumps(summary, default=str))
+    return 0
+
+
+def load_params(path: str, command: str) -> dict:
+    """The params file; `mofe score` also runs outside a project, without one."""
+    from mofe_ood import params as params_mod
+
+    if command == "score" and path == "params.yaml" and not Path(path).is_file():
+        return {}
+    return params_mod.load(path)
+
+
+def add_user_commands(commands) -> None:
+    for name, help_text in USER_COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        sub.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                         help="override a param for this run only (repeatable)")
+        if name == "score":
+            sub.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (recursive)")
+            sub.add_argument("--model", default="models:/mofe-ood@champion",
+                             help="registry URI (default: models:/mofe-ood@champion, tracking URI from "
+                                  "$MLFLOW_TRACKING_URI or ./mlflow.db), a models/<variant> folder "
+                                  "(with data/features and reports of the pipeline) or a detector bundle")
+            sub.add_argument("--out", help="write CSV here instead of JSON lines on stdout")
+            sub.add_argument("--batch-size", type=int, default=64)
+            sub.add_argument("--stats", action="store_true", help="print images/s on stderr")
+        else:
+            sub.add_argument("--version", required=True, type=int, help="model version to promote")
+            sub.add_argument("--force", action="store_true", help="promote even if the gate says no")
+
+
+def score(args, params: dict) -> int:
+    """`mofe score`: records on stdout (or CSV), unreadable files on stderr; the batch goes on."""
+    import csv
+    import time
+
+    from mofe_ood.inference import list_images, load_detector, score_files
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: {args.batch_size} must be >= 1")
+    started = time.perf_counter()
+    paths = list_images(args.paths)
+    if not paths:
+        raise FileNotFoundError(f"no image files in {' '.join(args.paths)}")
+    detector = load_detector(args.model, params=params)
+    loaded = time.perf_counter()
+    fields = ["path", "class", "probability", "ood_score", "is_ood", "error"]
+    out = open(args.out, "w", newline="") if args.out else sys.stdout
+    try:
+        writer = csv.DictWriter(out, fieldnames=fields) if args.out else None
+        if writer:
+            writer.writeheader()
+
+        def emit(path, record: dict) -> None:
+            if record["error"] is not None:
+                print(f"mofe score: {path}: {record['error']}", file=sys.stderr)
+            row = {"path": str(path), **record}
+            if writer:
+                writer.writerow(row)
+            else:
+                if row["error"] is None:
+                    del row["error"]
+                else:
+                    row = {"path": row["path"], "error": row["error"]}
+                out.write(json.dumps(row) + "\n")
+
+        scored, failed = score_files(detector, paths, emit, args.batch_size)
+    finally:
+        if args.out:
+            out.close()
+    seconds = time.perf_counter() - loaded
+    if args.stats or failed:
+        print(f"mofe score: {scored} images scored, {failed} unreadable", file=sys.stderr)
+    if args.stats:
+        print(f"mofe score: {seconds:.2f} s, {scored / max(seconds, 1e-9):.1f} images/s "
+              f"(model loaded in {loaded - started:.1f} s)", file=sys.stderr)
+    return 0 if scored else 1
+
+
+def promote(args, params: dict) -> int:
+    from mofe_ood.register import promote as promote_version
+
+    print(json.dumps(promote_version(params, args.version, force=args.force)))
     return 0
 
 

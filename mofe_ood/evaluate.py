@@ -1,0 +1,235 @@
+"""Stage `evaluate`: every variant x every applicable OOD score x every OOD set.
+
+Outputs under `reports/` (their layout is part of the interface):
+- `metrics.json`: {variant: {"id_accuracy": float | null, score: {"near": M, "far": M, <set>: M}}}
+  with M = {auroc, fpr95, fpr95_openood, aupr_in, aupr_out}, fractions in [0, 1];
+- `scores/<variant>__<score>.npz`: per-sample scores (higher = more ID), one array
+  per set (`test` = ID test, then each OOD set);
+- `results.md`: the table a person reads first;
+- `thresholds.json`: per variant, its default score's hyper-parameters and the
+  decision threshold accepting `tpr` of ID validation samples (for inference);
+- `roc.json` (DVC plot data) and `plots/*.png`: ROC curves and score histograms.
+Score hyper-parameters (KNN's K, ViM's dim) are chosen on ID data only.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mofe_ood import metrics, scores
+from mofe_ood.extract import load_features
+from mofe_ood.params import ParamError, check_choice, check_number
+
+FROZEN = "frozen"
+ID_SPLITS = ("train", "val", "test")
+OUTPUTS = ("metrics.json", "thresholds.json", "roc.json", "results.md", "scores", "plots")  # as dvc.yaml lists them
+
+
+@dataclass
+class Outputs:
+    """What a variant gives for one split: the feature OOD scores read, and class logits."""
+
+    features: np.ndarray
+    logits: np.ndarray | None
+    labels: np.ndarray
+
+
+def variant_outputs(variant: str, features_dir: Path, models_dir: Path, splits: list[str]):
+    """Per split Outputs of `variant`, plus its linear head (W, b) or None."""
+    raw = {name: load_features(features_dir, name) for name in splits}
+    for name, (feats, _) in raw.items():
+        if len(feats) == 0:
+            raise ValueError(f"split {name!r} is empty: nothing to evaluate")
+        bad = int((~np.isfinite(feats)).any(axis=1).sum())
+        if bad:
+            raise ValueError(f"split {name!r} has {bad} samples with NaN or infinite features")
+    if variant == FROZEN:
+        return {name: Outputs(f, None, y) for name, (f, y) in raw.items()}, None
+    from mofe_ood.train import load_model
+
+    model_dir = models_dir / variant
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"evaluate.variants: no trained model for {variant!r} in {model_dir}")
+    model, _ = load_model(model_dir)
+    model.eval()
+    out = {}
+    with torch.inference_mode():
+        for name, (feats, labels) in raw.items():
+            result = model(torch.from_numpy(feats))
+            out[name] = Outputs(result["feature"].float().numpy(), result["logits"].float().numpy(), labels)
+    weight, bias = model.classifier_weights()
+    return out, (weight.detach().numpy().astype(np.float64), bias.detach().numpy().astype(np.float64))
+
+
+def applicable(score_names: list[str], has_logits: bool) -> list[str]:
+    return [s for s in score_names
+            if has_logits or not (scores.SCORES[s].needs_logits or scores.SCORES[s].needs_head)]
+
+
+def evaluate_variant(variant: str, outputs: dict[str, Outputs], head, ood_sets: dict[str, str],
+                     params: dict, score_dir: Path) -> tuple[dict, dict]:
+    """metrics.json entry of one variant, and the calibration of each of its scores."""
+    p = params["evaluate"]
+    train, val, test = (outputs[s] for s in ID_SPLITS)
+    entry: dict = {"id_accuracy": None if test.logits is None else metrics.accuracy(test.logits, test.labels)}
+    calibration = {}
+    for name in applicable(p["scores"], test.logits is not None):
+        candidates = hyper_candidates(name, p)
+        hyper, _ = scores.select_hyper(name, candidates, train.features, train.labels, val.features,
+                                       val.labels, train_logits=train.logits, val_logits=val.logits,
+                                       head=head) if len(candidates) > 1 else (candidates[0], None)
+        score = scores.make_score(name, **hyper).fit(train.features, train.labels, train.logits, head)
+        per_set = {s: score.score(outputs[s].features, outputs[s].logits) for s in ["val", "test", *ood_sets]}
+        np.savez(score_dir / f"{variant}__{name}.npz", **{s: v for s, v in per_set.items() if s != "val"})
+        result = {s: metrics.ood_metrics(per_set["test"], per_set[s], name=s) for s in ood_sets}
+        for group in ("near", "far"):
+            members = [result[s] for s, g in ood_sets.items() if g == group]
+            if members:
+                result[group] = metrics.average(members)
+        entry[name] = {k: result[k] for k in [*(g for g in ("near", "far") if g in result), *ood_sets]}
+        calibration[name] = {"hyper": hyper, "tpr": p["tpr"],
+                             "threshold": metrics.threshold_at_tpr(per_set["val"], p["tpr"])}
+    return entry, calibration
+
+
+def hyper_candidates(name: str, p: dict) -> list[dict]:
+    if name == "knn":
+        return [{"k": int(k)} for k in p["knn_k"]]
+    if name == "vim":
+        return [{"dim": int(d)} for d in p["vim_dim"]]
+    return [{}]
+
+
+def check(params: dict, variants: list[str]) -> None:
+    p = params.get("evaluate") or {}
+    for v in p.get("variants") or []:
+        check_choice("evaluate.variants", v, variants)
+    for s in p.get("scores") or []:
+        check_choice("evaluate.scores", s, scores.SCORES)
+    check_choice("evaluate.default_score", p.get("default_score"), p.get("scores") or [])
+    check_number("evaluate.tpr", p.get("tpr"), low=0.5, high=0.999)
+    for k in p.get("knn_k") or []:
+        check_number("evaluate.knn_k", k, low=1, integer=True)
+    if not p.get("variants") or not p.get("scores") or not p.get("knn_k"):
+        raise ParamError("evaluate.variants, evaluate.scores and evaluate.knn_k must not be empty")
+
+
+def run(params: dict, features_dir: str | Path = "data/features", models_dir: str | Path = "models",
+        reports_dir: str | Path = "reports") -> dict:
+    """Evaluate everything into a fresh folder, then replace `reports_dir` in one move."""
+    features_dir, models_dir, reports_dir = Path(features_dir), Path(models_dir), Path(reports_dir)
+    trained = list((params.get("train") or {}).get("variants") or [])
+    check(params, [FROZEN, *trained])
+    p = params["evaluate"]
+    info = json.loads((features_dir / "info.json").read_text())
+    ood_sets = {n: s["group"] for n, s in info["splits"].items() if s["kind"] == "ood"}
+    if not ood_sets:
+        raise ValueError(f"{features_dir}/info.json lists no OOD sets")
+    for name in ood_sets:
+        if info["splits"][name]["count"] == 0:
+            raise ValueError(f"OOD set {name!r} is empty")
+
+    tmp = reports_dir.with_name(reports_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "scores").mkdir(parents=True)
+    (tmp / "plots").mkdir()
+    all_metrics, thresholds, curves = {}, {}, []
+    for variant in p["variants"]:
+        outputs, head = variant_outputs(variant, features_dir, models_dir, [*ID_SPLITS, *ood_sets])
+        entry, calibration = evaluate_variant(variant, outputs, head, ood_sets, params, tmp / "scores")
+        all_metrics[variant] = entry
+        default = p["default_score"] if p["default_score"] in calibration else next(iter(calibration))
+        thresholds[variant] = {"score": default, **calibration[default]}
+        curves += plot_variant(variant, default, tmp / "scores", ood_sets, tmp / "plots")
+    (tmp / "metrics.json").write_text(json.dumps(all_metrics, indent=2) + "\n")
+    (tmp / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
+    (tmp / "roc.json").write_text(json.dumps(curves) + "\n")
+    (tmp / "results.md").write_text(results_table(all_metrics, info))
+    # Replace our outputs only: reports/ also holds the register stage's registration.json.
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    for item in OUTPUTS:
+        target = reports_dir / item
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        (tmp / item).rename(target)
+    tmp.rmdir()
+    return all_metrics
+
+
+# ---------------------------------------------------------------- report
+
+def results_table(all_metrics: dict, info: dict) -> str:
+    """Markdown: variants x scores, near/far AUROC and FPR95 (%), ID accuracy; best per column in bold."""
+    rows = []
+    for variant, entry in all_metrics.items():
+        for score, m in entry.items():
+            if score == "id_accuracy":
+                continue
+            rows.append([variant, score, entry["id_accuracy"],
+                         m.get("near", {}).get("auroc"), m.get("near", {}).get("fpr95"),
+                         m.get("far", {}).get("auroc"), m.get("far", {}).get("fpr95")])
+    best = {}
+    for col, higher in ((2, True), (3, True), (4, False), (5, True), (6, False)):
+        values = [r[col] for r in rows if r[col] is not None]
+        if values:
+            best[col] = max(values) if higher else min(values)
+    lines = [
+        f"# OOD detection results ({info['backbone']}, {info['image_size']} px)", "",
+        "AUROC and FPR95 in %, ID is the positive class (FPR95 = OOD accepted at 95% ID TPR). "
+        "Best per column in bold.", "",
+        "| variant | score | ID acc | near AUROC | near FPR95 | far AUROC | far FPR95 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = []
+        for col, value in enumerate(r[2:], start=2):
+            text = "-" if value is None else f"{100 * value:.1f}"
+            cells.append(f"**{text}**" if value is not None and np.isclose(value, best[col]) else text)
+        lines.append(f"| {r[0]} | {r[1]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def roc_points(id_scores: np.ndarray, ood_scores: np.ndarray, points: int = 101) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) with ID positive at `points` thresholds spread over the score quantiles."""
+    both = np.concatenate([id_scores, ood_scores])
+    thresholds = np.unique(np.quantile(both, np.linspace(0, 1, points)))[::-1]
+    tpr = (id_scores[None, :] >= thresholds[:, None]).mean(1)
+    fpr = (ood_scores[None, :] >= thresholds[:, None]).mean(1)
+    return np.r_[0.0, fpr, 1.0], np.r_[0.0, tpr, 1.0]
+
+
+def plot_variant(variant: str, score: str, score_dir: Path, ood_sets: dict, plot_dir: Path) -> list[dict]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with np.load(score_dir / f"{variant}__{score}.npz") as f:
+        values = dict(f)
+    fig, (roc_ax, hist_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    curves = []
+    bins = np.linspace(min(v.min() for v in values.values()), max(v.max() for v in values.values()), 60)
+    hist_ax.hist(values["test"], bins=bins, density=True, alpha=0.5, label="ID test")
+    for name, group in ood_sets.items():
+        fpr, tpr = roc_points(values["test"], values[name])
+        roc_ax.plot(fpr, tpr, label=f"{name} ({group})")
+        hist_ax.hist(values[name], bins=bins, density=True, histtype="step", label=name)
+        curves += [{"curve": f"{variant}/{name}", "fpr": round(float(a), 5), "tpr": round(float(b), 5)}
+                   for a, b in zip(fpr, tpr)]
+    roc_ax.plot([0, 1], [0, 1], color="grey", lw=0.5)
+    roc_ax.set(xlabel="FPR (OOD accepted)", ylabel="TPR (ID accepted)", title=f"{variant} / {score}: ROC")
+    hist_ax.set(xlabel=f"{score} score (higher = more ID)", ylabel="density", title="score histograms")
+    roc_ax.legend(fontsize=8)
+    hist_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(plot_dir / f"{variant}__{score}.png", dpi=90)
+    plt.close(fig)
+    return curves
