@@ -41,5 +41,13 @@ run: setup
 test: setup
 	$(VENV)/bin/pytest -q
 
+# Local S3 (SeaweedFS, 127.0.0.1:8333, data in .services/); `make services MLFLOW=1` adds
+# an MLflow server on :5000. Then: eval "$$(infra/services.sh env)". See infra/README.md.
+services: $(VENV)/.installed
+	infra/services.sh start $(if $(MLFLOW),--mlflow)
+
+services-down:
+	infra/services.sh stop
+
 clean:
 	rm -rf data models reports dvc.lock
