@@ -1,0 +1,44 @@
+"""Kubeflow Pipelines components: one thin typed wrapper per stage of `mofe_ood`.
+
+A component maps KFP artifacts to folders (an artifact's `.path` is the stage's
+directory) and calls the stage's `run`, the same function `dvc repro` calls, so
+the two orchestrators cannot drift.
+
+Params travel as one JSON text per params.yaml section, and each component
+takes the sections its stage reads (as dvc.yaml lists them), so KFP caches a
+step on exactly those. Not `dict` parameters: KFP's SDK rejects null values in
+them (params.yaml has many) and its local runner turns every int into a float
+(64 -> 64.0), which the cluster does not; JSON keeps the values as written.
+
+KFP ships each function's source alone into the container, so bodies import
+what they use and the helpers below travel as `additional_funcs`. The image
+holds mofe_ood and kfp: nothing is pip-installed when a step starts (the local
+SubprocessRunner installs nothing either). pipeline.py sets each task's image.
+"""
+
+from kfp import dsl
+
+DEFAULT_IMAGE = "ghcr.io/example/mofe-ood:0.1.0"
+
+
+def sections(**texts: str) -> dict:
+    """The params dict a stage's `run` takes, from its sections' JSON texts."""
+    import json
+
+    return {name: json.loads(text) for name, text in texts.items()}
+
+
+def log_metrics(metrics, values, prefix: str = "") -> None:
+    """Log every number of a nested dict to a KFP Metrics artifact as `a/b/c` (None skipped)."""
+    for key, value in (values or {}).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            log_metrics(metrics, value, name + "/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics.log_metric(name, float(value))
+
+
+def component(func):
+    """`dsl.component` for this project: the project image, no run-time pip installs."""
+    return dsl.component(func, base_image=DEFAULT_IMAGE, packages_to_install=[],
+                         install_kfp_package=False, additional_funcs=[sections, log_metrics])

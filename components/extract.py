@@ -1,0 +1,38 @@
+"""Components of stage `extract`, scaled out: list the shards, featurise each, merge.
+
+With `extract.shards: 1` this is one `extract` task and a merge that copies it.
+"""
+
+from typing import List
+
+from kfp.dsl import Dataset, Input, Output
+
+from components import component, sections
+
+
+@component
+def shard_indices(extract: str) -> List[int]:
+    """0 .. extract.shards - 1: the items the pipeline's ParallelFor runs `extract` over."""
+    from mofe_ood.extract import shard_count
+
+    return list(range(shard_count(sections(extract=extract))))
+
+
+@component
+def extract(base: str, extract: str, prepared: Input[Dataset], shard: int,
+            features: Output[Dataset]):
+    """Features of shard `shard` (a run of whole batches) of every prepared split."""
+    from mofe_ood import extract as stage
+
+    params = sections(base=base, extract=extract)
+    stage.run_shard(params, prepared.path, features.path, shard)
+
+
+@component
+def merge_features(shards: Input[List[Dataset]], features: Output[Dataset]):
+    """Concatenate the shards into the data/features layout (what `mofe extract` writes)."""
+    from mofe_ood import extract as stage
+
+    info = stage.merge_shards([s.path for s in shards], features.path)
+    features.metadata.update(backbone=info["backbone"], feature_dim=info["feature_dim"],
+                             counts={name: s["count"] for name, s in info["splits"].items()})

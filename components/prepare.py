@@ -1,0 +1,15 @@
+"""Component `prepare`: the ID splits and OOD sets (mofe_ood.prepare.run)."""
+
+from kfp.dsl import Dataset, Output
+
+from components import component, sections
+
+
+@component
+def prepare(base: str, prepare: str, evaluate: str, prepared: Output[Dataset]):
+    """Build the benchmark into `prepared` (of `evaluate`, only `extra_ood` is read)."""
+    from mofe_ood import prepare as stage
+
+    params = sections(base=base, prepare=prepare, evaluate=evaluate)
+    manifest = stage.run(params, prepared.path)
+    prepared.metadata["counts"] = {name: s["count"] for name, s in manifest["splits"].items()}

@@ -1,0 +1,15 @@
+"""Component `train`: the MoFE variants on frozen features (mofe_ood.train.run)."""
+
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components import component, log_metrics, sections
+
+
+@component
+def train(base: str, train: str, features: Input[Dataset], models: Output[Model],
+          metrics: Output[Metrics]):
+    """Train every variant of `train.variants` into `models/<variant>/`."""
+    from mofe_ood import train as stage
+
+    result = stage.run(sections(base=base, train=train), features.path, models.path)
+    log_metrics(metrics, result if isinstance(result, dict) else {})
