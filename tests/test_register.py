@@ -1,0 +1,269 @@
+"""Stage `register` and `mofe promote` against a real MLflow (embedded sqlite in a temp folder),
+and the registered model served by `mlflow models serve`."""
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from mofe_ood import cli, register
+from mofe_ood.inference import Detector, encode_png
+from tests.tiny_pipeline import VARIANT, build, split_images, tiny_params
+
+NAME = "mofe-ood"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def with_metrics(project: Path, dest: Path, **changes) -> Path:
+    """A copy of the project's reports whose registered-variant metrics are changed (same model)."""
+    shutil.copytree(project / "reports", dest)
+    data = json.loads((dest / "metrics.json").read_text())
+    entry = data[VARIANT]
+    for key, value in changes.items():
+        if key == "id_accuracy":
+            entry["id_accuracy"] = value
+        else:
+            group, metric = key.split("__")
+            entry["knn"][group][metric] = value
+    (dest / "metrics.json").write_text(json.dumps(data))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = build(tmp_path_factory)
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "extract": {"cmd": "mofe extract", "outs": [{"path": "data/features", "hash": "md5",
+                                                     "md5": "0123abcd.dir"}]}}}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def registry(project, tmp_path_factory):
+    """An embedded MLflow with version 1 (the real metrics) and version 2 (worse near AUROC)."""
+    home = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{home}/mlflow.db"
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    cwd = os.getcwd()
+    os.chdir(project)
+    try:
+        first = register.run(tiny_params(), out=home / "first.json")
+        near = json.loads((project / "reports" / "metrics.json").read_text())[VARIANT]["knn"]["near"]["auroc"]
+        worse = with_metrics(project, home / "worse", near__auroc=near - 0.05)
+        second = register.run(tiny_params(), reports_dir=worse, out=home / "second.json")
+        yield {"uri": uri, "home": home, "first": first, "second": second, "near": near}
+    finally:
+        os.chdir(cwd)
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+def client(uri):
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri, uri)
+
+
+def versions(uri) -> list[int]:
+    return sorted(int(v.version) for v in client(uri).search_model_versions(f"name = '{NAME}'"))
+
+
+def aliases(uri) -> dict[str, str]:
+    return {a: str(v) for a, v in client(uri).get_registered_model(NAME).aliases.items()}
+
+
+def test_first_registration_logs_the_run_and_becomes_champion(registry, project):
+    first, uri = registry["first"], registry["uri"]
+    assert first["version"] == 1 and first["alias"] == "champion" and first["new_version"]
+    assert json.loads((registry["home"] / "first.json").read_text()) == first
+    c = client(uri)
+    run = c.get_run(first["run_id"])
+    assert run.data.params["train.variants"] == json.dumps([VARIANT])
+    assert run.data.params["extract.image_size"] == "32"
+    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    assert run.data.metrics[f"{VARIANT}.knn.near.auroc"] == pytest.approx(metrics[VARIANT]["knn"]["near"]["auroc"])
+    assert run.data.metrics["near_auroc"] == pytest.approx(registry["near"])
+    assert run.data.tags["dvc.data/features"] == "0123abcd.dir" and "git_commit" in run.data.tags
+    logged = {a.path for a in c.list_artifacts(run.info.run_id, "reports")}
+    assert {"reports/results.md", "reports/metrics.json", "reports/plots"} <= logged
+    assert any(a.path.endswith(".png") for a in c.list_artifacts(run.info.run_id, "reports/plots"))
+    tags = c.get_model_version(NAME, "1").tags
+    assert tags["variant"] == VARIANT and tags["dataset"].startswith("fashion_mnist")
+    assert float(tags["near_auroc"]) == pytest.approx(registry["near"], abs=1e-6)
+    assert {"far_auroc", "near_fpr95", "far_fpr95", "content_hash"} <= set(tags)
+    assert tags["decision"] == "champion" and tags["registration"] == "done"
+
+
+def test_a_worse_model_becomes_challenger_and_the_champion_stays(registry):
+    second, uri = registry["second"], registry["uri"]
+    assert second["version"] == 2 and second["alias"] == "challenger"
+    assert "not above the margin" in second["reason"]
+    assert aliases(registry["uri"]) == {"champion": "1", "challenger": "2"}
+    assert "not above the margin" in client(uri).get_model_version(NAME, "2").tags["reason"]
+
+
+def test_registering_the_same_content_again_adds_no_version(registry, project):
+    again = register.run(tiny_params(), out=registry["home"] / "again.json")
+    assert again["version"] == 1 and not again["new_version"] and "already registered" in again["reason"]
+    assert versions(registry["uri"]) == [1, 2]
+    assert aliases(registry["uri"]) == {"champion": "1", "challenger": "2"}
+
+
+def test_unreachable_server_fails_fast_naming_it_and_writes_nothing(registry, project, monkeypatch, capsys):
+    url = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match=f"MLflow tracking server {url} is unreachable"):
+        register.run(tiny_params(), out=registry["home"] / "down.json")
+    assert time.monotonic() - start < 30
+    assert cli.main(["register"]) == 2
+    assert url in capsys.readouterr().err
+    assert cli.main(["promote", "--version", "2"]) == 2
+    assert url in capsys.readouterr().err
+    assert not (registry["home"] / "down.json").exists()
+    assert versions(registry["uri"]) == [1, 2]
+
+
+def test_a_failed_alias_move_leaves_the_old_champion(registry, project, monkeypatch, tmp_path):
+    from mlflow import MlflowClient
+
+    better = with_metrics(project, tmp_path / "better", near__auroc=registry["near"] + 0.05)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("registry went away")
+
+    with monkeypatch.context() as m:  # the new version is removed again
+        m.setattr(MlflowClient, "set_registered_model_alias", broken)
+        with pytest.raises(RuntimeError, match="went away"):
+            register.run(tiny_params(), reports_dir=better, out=tmp_path / "r.json")
+        assert versions(registry["uri"]) == [1, 2]
+        assert aliases(registry["uri"])["champion"] == "1"
+        m.setattr(MlflowClient, "delete_model_version", broken)  # ... or stays marked pending
+        with pytest.raises(RuntimeError, match="went away"):
+            register.run(tiny_params(), reports_dir=better, out=tmp_path / "r.json")
+    *_, pending = versions(registry["uri"])  # MLflow does not reuse the removed version's number
+    assert versions(registry["uri"]) == [1, 2, pending]
+    assert aliases(registry["uri"])["champion"] == "1"
+    assert client(registry["uri"]).get_model_version(NAME, str(pending)).tags["registration"] == "pending"
+    # A better model whose ID accuracy drops too much is held back ...
+    acc = json.loads((project / "reports" / "metrics.json").read_text())[VARIANT]["id_accuracy"]
+    dropped = with_metrics(project, tmp_path / "dropped", near__auroc=registry["near"] + 0.05,
+                           id_accuracy=acc - 0.05)
+    held = register.run(tiny_params(), reports_dir=dropped, out=tmp_path / "held.json")
+    assert held["version"] > pending and held["alias"] == "challenger" and "ID accuracy" in held["reason"]
+    # ... while the better one, registered again, finishes its pending version and takes over.
+    retry = register.run(tiny_params(), reports_dir=better, out=tmp_path / "r.json")
+    assert retry["version"] == pending and not retry["new_version"]
+    assert retry["alias"] == "champion" and retry["previous_champion"] == "1"
+    assert aliases(registry["uri"]) == {"champion": str(pending), "challenger": str(held["version"])}
+    assert versions(registry["uri"]) == [1, 2, pending, held["version"]]
+
+
+def test_promote_applies_the_gate_unless_forced(registry, project, capsys):
+    champion = aliases(registry["uri"])["champion"]
+    assert cli.main(["promote", "--version", "2"]) == 2
+    assert "not promoted" in capsys.readouterr().err
+    assert aliases(registry["uri"])["champion"] == champion
+    assert cli.main(["promote", "--version", "99"]) == 2
+    assert "no version 99" in capsys.readouterr().err
+    assert cli.main(["promote", "--version", "2", "--force"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["version"] == 2 and out["previous_champion"] == champion
+    assert aliases(registry["uri"])["champion"] == "2"
+    assert client(registry["uri"]).get_model_version(NAME, "2").tags["reason"].startswith("promote: forced")
+    # Promoting a better version back passes the gate without --force.
+    assert cli.main(["promote", "--version", champion]) == 0
+    assert aliases(registry["uri"])["champion"] == champion
+
+
+def test_mofe_score_reads_the_registered_champion(registry, project, capsys):
+    results = []
+    for model in (f"models:/{NAME}@champion", f"models/{VARIANT}"):
+        assert cli.main(["score", "images/fmnist_near", "--model", model]) == 0
+        results.append([json.loads(line) for line in capsys.readouterr().out.splitlines()])
+    from_registry, local = results
+    assert len(from_registry) == 60
+    for a, b in zip(from_registry, local):
+        assert a["path"] == b["path"] and a["class"] == b["class"] and a["is_ood"] == b["is_ood"]
+        assert a["ood_score"] == pytest.approx(b["ood_score"], abs=1e-6)
+
+
+def test_gate_rules():
+    p = register.settings({})
+    old = register.Candidate(VARIANT, "knn", "near.auroc", 0.80, 0.95, "b1")
+    new = lambda **kw: register.Candidate(**{**vars(old), **kw})  # noqa: E731
+    assert register.decide(new(gate_value=0.81), "1", old, p).alias == "champion"
+    assert register.decide(new(gate_value=0.8005), "1", old, p).alias == "challenger"  # within the margin
+    assert register.decide(new(gate_value=0.81, id_accuracy=0.94), "1", old, p).alias == "challenger"
+    assert register.decide(new(gate_value=0.81, id_accuracy=0.946), "1", old, p).alias == "champion"
+    assert "other data" in register.decide(new(gate_value=0.9, benchmark="b2"), "1", old, p).reason
+    fpr = dict(gate_metric="far.fpr95", gate_value=0.30)
+    assert register.decide(new(**{**fpr, "gate_value": 0.20}), "1", new(**fpr), p).alias == "champion"
+    assert register.decide(new(**{**fpr, "gate_value": 0.40}), "1", new(**fpr), p).alias == "challenger"
+    with pytest.raises(register.ParamError, match="register.gate_metric"):
+        register.settings({"register": {"gate_metric": "near.accuracy"}})
+
+
+def test_the_registered_model_serves_images_over_http(registry, project, tmp_path):
+    port = free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=registry["uri"], HF_HUB_OFFLINE="1",
+               MLFLOW_DISABLE_TELEMETRY="true", PATH=f"{BIN}:{os.environ.get('PATH', '')}")
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "server not up in 180 s"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                time.sleep(1)
+        images = [split_images(project, "test")[0], split_images(project, "fmnist_near")[0]]
+        body = {"dataframe_split": {"columns": ["image"],
+                                    "data": [[base64.b64encode(encode_png(im)).decode()] for im in images]}}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            rows = json.loads(response.read())["predictions"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(5)
+        log.close()
+    detector = Detector.from_pipeline(VARIANT, project / "models", project / "data" / "features",
+                                      project / "reports", tiny_params())
+    expected = detector.predict(images).records()
+    assert len(rows) == 2
+    for row, want in zip(rows, expected):
+        assert row["class"] == want["class"] and row["is_ood"] == want["is_ood"]
+        assert row["ood_score"] == pytest.approx(want["ood_score"], abs=1e-5)
+        assert len(row["probabilities"]) == len(detector.classes)
