@@ -23,6 +23,13 @@ Deterministic: every epoch draws its shuffle, mixup and dropout from
 generators seeded by (base.seed, phase, epoch), so a run resumed from a
 checkpoint (`train.checkpoint_dir`, written after every epoch) continues
 exactly as an uninterrupted one.
+
+Data-parallel (mofe_ood/distributed.py): with `train.gpus` > 1 on a machine
+with CUDA, or `train.processes` > 1 (on a CPU-only machine: gloo processes),
+`run` relaunches itself under torchrun, one process per GPU. Each rank trains
+on its part of every global batch and the gradients are summed; the global
+batches, mixup and dropout draws are those of one process, so the weights
+equal one process's up to float rounding. Rank 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mofe_ood import distributed
 from mofe_ood import mofe as mofe_mod
 from mofe_ood.mixup import DynamicBetaMixup, Mixup, soft_targets
 from mofe_ood.params import ParamError, check_choice, check_number, merged
@@ -88,6 +96,8 @@ DEFAULTS = {
     },
     "checkpoint_dir": None,   # a folder: checkpoint every epoch and resume from it
     "num_threads": 1,         # 1: tiny matmuls lose to thread overhead on a busy 2-core machine; same results
+    "gpus": 1,                # Kubeflow's GPU request for the step; > 1: one data-parallel process per GPU
+    "processes": None,        # data-parallel processes; None: `gpus` where CUDA is available, else 1
 }
 
 
@@ -117,6 +127,8 @@ def config(params: dict) -> dict:
     check_number("train.drop", p["drop"], low=0, high=0.99)
     check_number("train.mixup_alpha", p["mixup_alpha"], low=0)
     check_number("train.num_threads", p["num_threads"], low=1, integer=True, allow_none=True)
+    check_number("train.gpus", p["gpus"], low=0, integer=True)
+    check_number("train.processes", p["processes"], low=1, integer=True, allow_none=True)
     if p["checkpoint_dir"] is not None and not isinstance(p["checkpoint_dir"], str):
         raise ParamError(f"train.checkpoint_dir: {p['checkpoint_dir']!r} is not a path or null")
 
@@ -345,7 +357,21 @@ def _batches(step: Step, y: torch.Tensor, groups: np.ndarray | None, batch_size:
             for i in range(0, len(rows), batch_size)]
 
 
-def _loss(model, step: Step, x, y, x_other, mixup, gen, p) -> torch.Tensor:
+def _loss(model, step: Step, x, y, x_other, mixup, gen, p, world=None) -> torch.Tensor | None:
+    """The loss of the batch `x`, `y`; data-parallel (`world`): this rank's part of it, weighted by
+    its share of the batch so that the ranks' gradients sum to the batch's (None: no rows here)."""
+    if world is not None and world.distributed:
+        world.batch, world.batch_size = world.part(len(x)), len(x)
+        rows = world.batch
+        if rows.start == rows.stop:
+            # Only an epoch's last batch can be shorter than the number of ranks, so skipping its
+            # draws (mixup, dropout) changes no later batch: both generators are re-seeded per epoch.
+            return None
+        if mixup is not None:
+            mixup = distributed.GlobalBatchMixup(mixup, x, y, world)
+        x, y = x[rows].to(world.device), y[rows].to(world.device)
+        x_other = None if x_other is None else x_other[rows].to(world.device)
+        return (rows.stop - rows.start) / world.batch_size * _loss(model, step, x, y, x_other, mixup, gen, p)
     if step.phase == "head":
         if mixup is None:
             # The linear probe is the standard one: plain cross-entropy (smoothing flattens the
@@ -365,15 +391,16 @@ def predict(model: nn.Module, x: torch.Tensor, step: Step | None = None, labels:
             batch_size: int = 4096) -> torch.Tensor:
     """Class logits; during phase 1 through expert 0, during phase 2 routed by the true `labels`."""
     model.eval()
+    device = next(model.parameters()).device
     out = []
     for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size]
+        xb = x[i:i + batch_size].to(device)
         if step is not None and step.phase == "base":
-            out.append(model(xb, expert=0)["logits"])
+            out.append(model(xb, expert=0)["logits"].cpu())
         elif step is not None and step.phase == "experts":
-            out.append(model(xb, route_labels=labels[i:i + batch_size])["logits"])
+            out.append(model(xb, route_labels=labels[i:i + batch_size].to(device))["logits"].cpu())
         else:
-            out.append(model(xb)["logits"])
+            out.append(model(xb)["logits"].cpu())
     return torch.cat(out)
 
 
@@ -388,11 +415,11 @@ def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: 
 
 def _save_checkpoint(ckpt_dir: Path, fingerprint: str, model: nn.Module, optimizer, step_index: int,
                      epoch: int, mixup, history: list[dict]) -> None:
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()
     for idx, state in opt["state"].items():
         for k, v in state.items():
-            tensors[f"optim.{idx}.{k}"] = torch.as_tensor(v).contiguous()
+            tensors[f"optim.{idx}.{k}"] = torch.as_tensor(v).cpu().contiguous()
     meta = {"fingerprint": fingerprint, "step": step_index, "epoch": epoch,
             "param_groups": opt["param_groups"], "mixup": mixup.state_dict() if mixup else {},
             "history": history}
@@ -427,9 +454,11 @@ def _load_checkpoint(ckpt_dir: Path, fingerprint: str) -> dict | None:
 
 # ---------------------------------------------------------------- training one variant
 
-def train_variant(variant: str, p: dict, data: Data, seed: int, ckpt_dir: Path | None = None
-                  ) -> tuple[nn.Module, dict, list[dict]]:
-    """Train `variant`; -> (model in eval mode, its architecture, history rows)."""
+def train_variant(variant: str, p: dict, data: Data, seed: int, ckpt_dir: Path | None = None,
+                  world: distributed.World | None = None) -> tuple[nn.Module, dict, list[dict]]:
+    """Train `variant` (data-parallel: this rank's part, see `run`); -> (model in eval mode on the
+    CPU, its architecture, history rows)."""
+    world = world or distributed.World()
     num_classes, dim = data.num_classes, data.x_train.shape[1]
     counts = np.bincount(data.y_train.numpy(), minlength=num_classes)
     groups = None
@@ -439,11 +468,14 @@ def train_variant(variant: str, p: dict, data: Data, seed: int, ckpt_dir: Path |
                                        p["mofe"]["group_table"], seed=seed)
     arch = architecture(variant, p, dim, num_classes, groups)
     torch.manual_seed(_seed(seed, "init", arch["kind"]))
-    model = build_model(arch)
+    model = build_model(arch).to(world.device)
+    if world.distributed:
+        distributed.use_global_batch_dropout(model, world)
     mixup = make_mixup(variant, p, num_classes, counts)
     steps = schedule(variant, p)
     # What the weights depend on (not which other variants run, nor where checkpoints go).
-    knobs = {k: v for k, v in p.items() if k not in ("variants", "checkpoint_dir", "num_threads")}
+    knobs = {k: v for k, v in p.items() if k not in ("variants", "checkpoint_dir", "num_threads", "gpus",
+                                                     "processes")}
     fingerprint = _seed(variant, knobs, seed, data.fingerprint())
 
     history: list[dict] = []
@@ -464,7 +496,8 @@ def train_variant(variant: str, p: dict, data: Data, seed: int, ckpt_dir: Path |
         if step.phase == "experts" and step.expert == 0 and not resumed:
             model.copy_expert(0)  # every expert starts from the phase-1 expert
         lr = p["linear_lr"] if variant == "linear" or step.phase == "router" else p["lr"]
-        optimizer = _optimizer(_enter(model, step), lr, p["weight_decay"])
+        trainable = _enter(model, step)
+        optimizer = _optimizer(trainable, lr, p["weight_decay"])
         if resumed:
             optimizer.load_state_dict(ckpt["optimizer"])
         probe = _batches(step, data.y_train, groups, p["batch_size"], torch.Generator().manual_seed(0))
@@ -480,11 +513,14 @@ def train_variant(variant: str, p: dict, data: Data, seed: int, ckpt_dir: Path |
                 for group in optimizer.param_groups:
                     group["lr"] = it_lr
                 loss = _loss(model, step, data.x_train[rows], data.y_train[rows],
-                             None if other_rows is None else data.x_train[other_rows], mixup, gen, p)
+                             None if other_rows is None else data.x_train[other_rows], mixup, gen, p, world)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if loss is not None:
+                    loss.backward()
+                world.sum_grads(trainable)
                 optimizer.step()
-                losses.append(loss.item())
+                losses.append(0.0 if loss is None else loss.item())
+            losses = world.sum(torch.tensor(losses, dtype=torch.float64)).tolist()  # the ranks' shares
             val_logits = predict(model, data.x_val, step, data.y_val)
             val_acc = float((val_logits.argmax(1) == data.y_val).double().mean())
             row = {"epoch": len(history) + 1, "phase": step.name, "loss": float(np.mean(losses)),
@@ -493,17 +529,19 @@ def train_variant(variant: str, p: dict, data: Data, seed: int, ckpt_dir: Path |
                 row.update({f"alpha_{c}": float(a) for c, a in enumerate(mixup.alphas)})
             if isinstance(mixup, DynamicBetaMixup):
                 if p["dynmix"]["accuracy_from"] == "val":
-                    mixup.update(per_class_accuracy(val_logits, data.y_val, num_classes))
+                    accuracy = per_class_accuracy(val_logits, data.y_val, num_classes)
                 else:
-                    mixup.update(per_class_accuracy(predict(model, data.x_train, step, data.y_train),
-                                                    data.y_train, num_classes))
+                    accuracy = per_class_accuracy(predict(model, data.x_train, step, data.y_train),
+                                                  data.y_train, num_classes)
+                # Every rank must draw the next epoch's mixup with the same alphas: rank 0's.
+                mixup.update(world.broadcast(torch.from_numpy(accuracy)).numpy())
             history.append(row)
             log.info("%s %s epoch %d: loss %.4f val acc %.4f", variant, step.name, epoch + 1, row["loss"], val_acc)
-            if ckpt_dir is not None:
+            if ckpt_dir is not None and world.main:
                 _save_checkpoint(ckpt_dir, str(fingerprint), model, optimizer, si, epoch + 1, mixup, history)
     for q in model.parameters():
         q.requires_grad_(True)
-    return model.eval(), arch, history
+    return model.cpu().eval(), arch, history
 
 
 def _write_variant(out: Path, variant: str, model: nn.Module, arch: dict, history: list[dict], p: dict,
@@ -524,17 +562,30 @@ def _write_variant(out: Path, variant: str, model: nn.Module, arch: dict, histor
 
 
 def run(params: dict, features_dir: str | Path = "data/features", models_dir: str | Path = "models") -> dict:
-    """Train every variant of `train.variants`; `models_dir` is replaced in one move at the end."""
+    """Train every variant of `train.variants`; `models_dir` is replaced in one move at the end.
+
+    More than one process (`distributed.processes`: train.processes, or train.gpus where CUDA is
+    available): relaunch under torchrun and return rank 0's summary."""
     p = config(params)
     seed = check_number("base.seed", (params.get("base") or {}).get("seed", 0), low=0, integer=True)
     features_dir, models_dir = Path(features_dir), Path(models_dir)
     info = json.loads((features_dir / "info.json").read_text())
     check_against_data(p, len(info["classes"]))
+    processes = distributed.processes(p)
+    if processes > 1 and not distributed.under_torchrun():
+        distributed.launch(processes, params, features_dir, models_dir)
+        return json.loads((models_dir / "metrics.json").read_text())
+    world = distributed.init()
+    if world.distributed:
+        log.info("train: rank %d of %d on %s", world.rank, world.size, world.device)
+    else:
+        log.info("train: one process, on the CPU")
     data = load_data(features_dir)
 
     tmp = models_dir.with_name(models_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if world.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     summary = {}
     threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
@@ -544,18 +595,22 @@ def run(params: dict, features_dir: str | Path = "data/features", models_dir: st
             for variant in p["variants"]:
                 ckpt_dir = Path(p["checkpoint_dir"]) / variant if p["checkpoint_dir"] else None
                 start = time.perf_counter()
-                model, arch, history = train_variant(variant, p, data, seed, ckpt_dir)
+                model, arch, history = train_variant(variant, p, data, seed, ckpt_dir, world)
                 seconds = time.perf_counter() - start
-                _write_variant(tmp / variant, variant, model, arch, history, p, seed, data, info)
+                if world.main:
+                    _write_variant(tmp / variant, variant, model, arch, history, p, seed, data, info)
                 summary[variant] = {"val_accuracy": history[-1]["val_accuracy"], "epochs": len(history),
                                     "seconds": round(seconds, 2)}
         finally:
             torch.set_num_threads(threads)
-    (tmp / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if models_dir.exists():
-        shutil.rmtree(models_dir)
-    tmp.rename(models_dir)
-    if p["checkpoint_dir"]:  # finished: the checkpoints have served
-        for variant in p["variants"]:
-            shutil.rmtree(Path(p["checkpoint_dir"]) / variant, ignore_errors=True)
+    if world.main:
+        (tmp / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if models_dir.exists():
+            shutil.rmtree(models_dir)
+        tmp.rename(models_dir)
+        if p["checkpoint_dir"]:  # finished: the checkpoints have served
+            for variant in p["variants"]:
+                shutil.rmtree(Path(p["checkpoint_dir"]) / variant, ignore_errors=True)
+    world.barrier()  # the other ranks leave once rank 0 has written
+    distributed.shutdown(world)
     return summary
