@@ -41,7 +41,14 @@ class Outputs:
 
 
 def variant_outputs(variant: str, features_dir: Path, models_dir: Path, splits: list[str]):
-    """Per split Outputs of `variant`, plus its linear head (W, b) or None."""
+    """Per split Outputs of `variant`, plus its linear head (W, b) or None.
+
+    A fine-tuned variant (mofe_ood.finetune) brings its own features, computed by its
+    fine-tuned backbone, in `models/<variant>/features`; the others read the frozen ones.
+    """
+    own = models_dir / variant / "features"
+    if variant != FROZEN and (own / "info.json").is_file():
+        features_dir = own
     raw = {name: load_features(features_dir, name) for name in splits}
     for name, (feats, _) in raw.items():
         if len(feats) == 0:
