@@ -39,7 +39,7 @@ from mofe_ood.params import ParamError, check_number, load, merged
 NAME = "mofe-ood"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # kfp.local colours its messages
 STAGES = ("prepare", "extract", "train", "evaluate", "register")
-SECTIONS = ("base", *STAGES)
+SECTIONS = ("base", *STAGES, "finetune")
 # The Secret and ConfigMap are infra/k8s's (and must exist in the namespace the runs use).
 CLUSTER_DEFAULTS = {"image": DEFAULT_IMAGE, "pipeline_root": "s3://mofe-ood/kfp",
                     "secret": "mofe-ood-s3", "config_map": "mofe-ood-storage"}
@@ -118,7 +118,8 @@ def build(params: dict, until: str = "register", local: bool = False):
                               "Feature Experts (MoFE, arXiv 2510.10584)")
     def mofe_ood(base: str = defaults["base"], prepare: str = defaults["prepare"],
                  extract: str = defaults["extract"], train: str = defaults["train"],
-                 evaluate: str = defaults["evaluate"], register: str = defaults["register"]):
+                 evaluate: str = defaults["evaluate"], register: str = defaults["register"],
+                 finetune: str = defaults["finetune"]):
         prepared = pod(prepare_benchmark(base=base, prepare=prepare, evaluate=evaluate))
         shards = pod(shard_indices(extract=extract))
         with dsl.ParallelFor(shards.output) as shard:
@@ -127,13 +128,14 @@ def build(params: dict, until: str = "register", local: bool = False):
         features = pod(merge_features(shards=dsl.Collected(part.outputs["features"])))
         features = features.outputs["features"]
         if "train" in stages:
-            models = pod(train_variants(base=base, train=train, features=features),
+            models = pod(train_variants(base=base, extract=extract, train=train, finetune=finetune,
+                                        prepared=prepared.outputs["prepared"], features=features),
                          gpus=settings["train_gpus"]).outputs["models"]
         if "evaluate" in stages:
-            reports = pod(evaluate_variants(base=base, train=train, evaluate=evaluate,
+            reports = pod(evaluate_variants(base=base, train=train, finetune=finetune, evaluate=evaluate,
                                             features=features, models=models)).outputs["reports"]
         if "register" in stages:
-            pod(register_models(base=base, prepare=prepare, extract=extract, train=train,
+            pod(register_models(base=base, prepare=prepare, extract=extract, train=train, finetune=finetune,
                                 evaluate=evaluate, register=register, features=features,
                                 models=models, reports=reports))
 

@@ -6,8 +6,8 @@ from components import component, sections
 
 
 @component
-def register(base: str, prepare: str, extract: str, train: str, evaluate: str, register: str,
-             features: Input[Dataset], models: Input[Model], reports: Input[Dataset],
+def register(base: str, prepare: str, extract: str, train: str, finetune: str, evaluate: str,
+             register: str, features: Input[Dataset], models: Input[Model], reports: Input[Dataset],
              registration: Output[Artifact]):
     """Register `register.variant` (MLflow endpoint and credentials from the environment).
 
@@ -15,7 +15,7 @@ def register(base: str, prepare: str, extract: str, train: str, evaluate: str, r
     """
     from mofe_ood import register as stage
 
-    params = sections(base=base, prepare=prepare, extract=extract, train=train,
+    params = sections(base=base, prepare=prepare, extract=extract, train=train, finetune=finetune,
                       evaluate=evaluate, register=register)
     result = stage.run(params, models.path, reports.path, features.path, out=registration.path)
     registration.metadata.update({k: result.get(k) for k in ("model_name", "version", "alias")})

@@ -6,11 +6,12 @@ from components import component, log_metrics, sections
 
 
 @component
-def train(base: str, train: str, features: Input[Dataset], models: Output[Model],
-          metrics: Output[Metrics]):
+def train(base: str, extract: str, train: str, finetune: str, prepared: Input[Dataset],
+          features: Input[Dataset], models: Output[Model], metrics: Output[Metrics]):
     """Train every variant of `train.variants` into `models/<variant>/`; with `train.gpus` > 1
     GPUs in the pod, `run` starts one data-parallel process per GPU (torchrun), as `mofe train` does."""
     from mofe_ood import train as stage
 
-    result = stage.run(sections(base=base, train=train), features.path, models.path)
+    params = sections(base=base, extract=extract, train=train, finetune=finetune)
+    result = stage.run(params, features.path, models.path, prepared.path)
     log_metrics(metrics, result if isinstance(result, dict) else {})

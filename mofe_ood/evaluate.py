@@ -131,8 +131,9 @@ def run(params: dict, features_dir: str | Path = "data/features", models_dir: st
         reports_dir: str | Path = "reports") -> dict:
     """Evaluate everything into a fresh folder, then replace `reports_dir` in one move."""
     features_dir, models_dir, reports_dir = Path(features_dir), Path(models_dir), Path(reports_dir)
-    trained = list((params.get("train") or {}).get("variants") or [])
-    check(params, [FROZEN, *trained])
+    from mofe_ood.train import trained_variants
+
+    check(params, [FROZEN, *trained_variants(params)])
     p = params["evaluate"]
     info = json.loads((features_dir / "info.json").read_text())
     ood_sets = {n: s["group"] for n, s in info["splits"].items() if s["kind"] == "ood"}

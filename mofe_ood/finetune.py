@@ -43,6 +43,7 @@ from mofe_ood.params import ParamError, check_choice, check_number, merged
 log = logging.getLogger(__name__)
 
 DEFAULTS = {
+    "enabled": False,         # train stage: also fine-tune (a GPU's job: DINOv2 + block experts on images)
     "variant": "mofe_finetune",
     "epochs": 10,             # phase 1
     "expert_epochs": 3,       # phase 2, per expert

@@ -168,6 +168,26 @@ def config(params: dict) -> dict:
     return p
 
 
+def finetune_enabled(params: dict) -> bool:
+    enabled = (params.get("finetune") or {}).get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise ParamError(f"finetune.enabled: {enabled!r} is not true or false")
+    return enabled
+
+
+def trained_variants(params: dict) -> list[str]:
+    """What the train stage writes under models/: `train.variants` (+ the fine-tuned one)."""
+    variants = list((params.get("train") or {}).get("variants") or [])
+    if finetune_enabled(params):
+        from mofe_ood.finetune import config as finetune_config
+
+        name = finetune_config(params)["variant"]
+        if name in variants:
+            raise ParamError(f"finetune.variant: {name!r} is also in train.variants; give it another name")
+        variants.append(name)
+    return variants
+
+
 def check_against_data(p: dict, num_classes: int) -> None:
     """The params that depend on the data: the number of experts and the group table."""
     m = p["mofe"]
@@ -561,12 +581,23 @@ def _write_variant(out: Path, variant: str, model: nn.Module, arch: dict, histor
         writer.writerows(history)
 
 
-def run(params: dict, features_dir: str | Path = "data/features", models_dir: str | Path = "models") -> dict:
+def run(params: dict, features_dir: str | Path = "data/features", models_dir: str | Path = "models",
+        prepared_dir: str | Path = "data/prepared") -> dict:
     """Train every variant of `train.variants`; `models_dir` is replaced in one move at the end.
+
+    With `finetune.enabled`, the fine-tuned MoFE (mofe_ood.finetune, on the images of
+    `prepared_dir`) is trained too, as variant `finetune.variant`, after the heads.
 
     More than one process (`distributed.processes`: train.processes, or train.gpus where CUDA is
     available): relaunch under torchrun and return rank 0's summary."""
     p = config(params)
+    if trained_variants(params)[len(p["variants"]):]:  # a bad finetune section fails here, before training
+        from mofe_ood.backbones import is_vit
+
+        backbone = str((params.get("extract") or {}).get("backbone"))
+        if not is_vit(backbone):
+            raise ParamError(f"finetune.enabled: fine-tuning with block experts needs a DINOv2 "
+                             f"extract.backbone, not {backbone!r}")
     seed = check_number("base.seed", (params.get("base") or {}).get("seed", 0), low=0, integer=True)
     features_dir, models_dir = Path(features_dir), Path(models_dir)
     info = json.loads((features_dir / "info.json").read_text())
@@ -603,6 +634,10 @@ def run(params: dict, features_dir: str | Path = "data/features", models_dir: st
                                     "seconds": round(seconds, 2)}
         finally:
             torch.set_num_threads(threads)
+    if world.main and finetune_enabled(params):
+        from mofe_ood import finetune
+
+        summary.update(finetune.run(params, prepared_dir, tmp))
     if world.main:
         (tmp / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
         if models_dir.exists():

@@ -108,3 +108,50 @@ def test_finetune_needs_a_vit(data, tmp_path):
         finetune.run(p, data, tmp_path)
     with pytest.raises(ParamError, match="finetune.layer_decay"):
         finetune.run(params(layer_decay=1.5), data, tmp_path)
+
+
+def test_the_train_stage_fine_tunes_when_enabled_and_evaluate_reads_its_features(data, tmp_path):
+    """`finetune.enabled`: `mofe train` writes the fine-tuned variant next to the heads, and
+    evaluate scores it on its own (fine-tuned) features, not on the frozen ones."""
+    from mofe_ood import evaluate
+    from tests.test_train import synthetic_features
+
+    features = synthetic_features(tmp_path / "features", classes=4, dim=6, per_class=12, val_per_class=4)
+    with np.load(features / "train.npz") as f:  # an OOD set for the frozen features
+        np.savez(features / "ood.npz", features=f["features"][:6] + 5.0, labels=np.full(6, -1))
+    info = json.loads((features / "info.json").read_text())
+    info["splits"]["test"] = info["splits"]["val"]
+    info["splits"]["ood"] = {"kind": "ood", "group": "far", "count": 6}
+    (features / "info.json").write_text(json.dumps(info))
+    (features / "test.npz").write_bytes((features / "val.npz").read_bytes())
+
+    p = params()
+    p["finetune"]["enabled"] = True
+    p["train"].update({"variants": ["linear"], "epochs": 2})
+    summary = train.run(p, features, tmp_path / "models", prepared_dir=data)
+    assert sorted(summary) == ["linear", "mofe_finetune"]
+    assert (tmp_path / "models" / "mofe_finetune" / "backbone.safetensors").is_file()
+
+    with pytest.raises(ParamError, match="evaluate.variants"):  # disabled: not a variant to evaluate
+        evaluate.check({**p, "finetune": {"enabled": False}, "evaluate": {
+            "variants": ["mofe_finetune"], "scores": ["knn"], "knn_k": [1], "default_score": "knn",
+            "tpr": 0.95}}, ["frozen", "linear"])
+    p["evaluate"] = {"variants": ["frozen", "mofe_finetune"], "scores": ["knn", "msp"], "knn_k": [1],
+                     "vim_dim": [4], "default_score": "knn", "tpr": 0.95}
+    # the fine-tuned features lack the frozen split `test` of this toy set: give them one
+    own = tmp_path / "models" / "mofe_finetune" / "features"
+    (own / "test.npz").write_bytes((own / "val.npz").read_bytes())
+    own_info = json.loads((own / "info.json").read_text())
+    own_info["splits"]["test"] = own_info["splits"]["val"]
+    (own / "info.json").write_text(json.dumps(own_info))
+    result = evaluate.run(p, features, tmp_path / "models", tmp_path / "reports")
+    assert result["mofe_finetune"]["id_accuracy"] is not None
+    assert result["frozen"]["knn"]["ood"]["auroc"] != result["mofe_finetune"]["knn"]["ood"]["auroc"]
+
+
+def test_fine_tuning_an_efficientnet_in_the_train_stage_is_refused_before_training(tmp_path):
+    p = params()
+    p["finetune"]["enabled"] = True
+    p["extract"]["backbone"] = "tf_efficientnet_lite0"
+    with pytest.raises(ParamError, match="finetune.enabled"):
+        train.run(p, tmp_path / "no-features", tmp_path / "models")
