@@ -1,0 +1,50 @@
+"""params.yaml and the presets: every section validates, and the presets cannot drift from it."""
+
+from pathlib import Path
+
+import pytest
+
+from mofe_ood import evaluate, register, train
+from mofe_ood.finetune import config as finetune_config
+from mofe_ood.params import ParamError, load
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = [ROOT / "params.yaml", *sorted((ROOT / "presets").glob("*.yaml"))]
+
+
+def keys(tree: dict, prefix: str = "") -> set[str]:
+    """Every key path, e.g. `train.mofe.router`; values that are free-form maps count as leaves."""
+    out = set()
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        out.add(path)
+        if isinstance(value, dict) and key not in ("ood", "extra_ood", "backbone_kwargs"):
+            out |= keys(value, path + ".")
+    return out
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_every_section_validates(path):
+    params = load(path)
+    train.config(params)
+    finetune_config(params)
+    evaluate.check(params, ["frozen", *train.trained_variants(params)])
+    assert register.settings(params)["variant"] in train.trained_variants(params)
+
+
+@pytest.mark.parametrize("path", FILES[1:], ids=lambda p: p.name)
+def test_presets_have_exactly_the_keys_of_params_yaml(path):
+    assert keys(load(path)) == keys(load(ROOT / "params.yaml"))
+
+
+def test_the_code_defaults_are_the_params_yaml_values():
+    """train.DEFAULTS (what a missing key takes) and params.yaml say the same."""
+    params = load(ROOT / "params.yaml")
+    assert train.config(params) == train.config({"train": {}})
+
+
+def test_an_unknown_variant_to_evaluate_names_the_param():
+    params = load(ROOT / "params.yaml")
+    params["evaluate"]["variants"].append("mofe_finetune")  # not trained: finetune is off
+    with pytest.raises(ParamError, match="evaluate.variants: 'mofe_finetune'"):
+        evaluate.check(params, ["frozen", *train.trained_variants(params)])
