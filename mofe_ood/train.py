@@ -591,7 +591,8 @@ def run(params: dict, features_dir: str | Path = "data/features", models_dir: st
     More than one process (`distributed.processes`: train.processes, or train.gpus where CUDA is
     available): relaunch under torchrun and return rank 0's summary."""
     p = config(params)
-    if trained_variants(params)[len(p["variants"]):]:  # a bad finetune section fails here, before training
+    trained_variants(params)  # a bad finetune section fails here, before any training
+    if finetune_enabled(params):
         from mofe_ood.backbones import is_vit
 
         backbone = str((params.get("extract") or {}).get("backbone"))
