@@ -24,7 +24,6 @@ Output, `<models_dir>/<variant>/`:
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import shutil
@@ -377,11 +376,7 @@ def _write(out: Path, model: FinetunedMoFE, prepared_dir: Path, manifest: dict, 
            "params": {"seed": seed, "finetune": p, "train": {k: tp[k] for k in ("mofe", "dynmix", "mixup_alpha")}},
            "val_accuracy": history[-1]["val_accuracy"] if history else None}
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    columns = list(dict.fromkeys(k for row in history for k in row))
-    with open(tmp / "history.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(history)
+    train_mod.write_history(tmp / "history.csv", history)
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -574,8 +574,13 @@ def _write_variant(out: Path, variant: str, model: nn.Module, arch: dict, histor
            "params": {"seed": seed, "train": p},
            "val_accuracy": history[-1]["val_accuracy"] if history else None}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    write_history(out / "history.csv", history)
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    """One row per epoch (DVC plot data); columns in first-seen order (phases add alpha columns)."""
     columns = list(dict.fromkeys(k for row in history for k in row))
-    with open(out / "history.csv", "w", newline="") as f:
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(history)
