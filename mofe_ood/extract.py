@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mofe_ood.backbones import Preprocess, create_backbone, pooled_features, preprocess_config
+from mofe_ood.backbones import Preprocess, create_backbone, for_inference, pooled_features, preprocess_config
 from mofe_ood.params import check_number
 from mofe_ood.prepare import Images, _load_rgb, load_split
 
@@ -71,8 +71,7 @@ def load_model(params: dict) -> tuple[torch.nn.Module, Preprocess]:
     p = params["extract"]
     size = p.get("image_size")
     model = create_backbone(p.get("backbone"), str(p.get("weights")), size, num_classes=0)
-    model = model.eval().to(memory_format=torch.channels_last)
-    return model, preprocess_config(model, size)
+    return for_inference(model, size), preprocess_config(model, size)
 
 
 def configure_threads(params: dict) -> None:

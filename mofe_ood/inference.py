@@ -35,7 +35,7 @@ from safetensors.torch import load_file as load_tensors
 from safetensors.torch import save_file as save_tensors
 from tqdm import tqdm
 
-from mofe_ood.backbones import Preprocess, create_backbone, pooled_features
+from mofe_ood.backbones import Preprocess, create_backbone, for_inference, pooled_features
 from mofe_ood.extract import preprocess
 
 FORMAT = "mofe-ood-detector/1"
@@ -180,9 +180,11 @@ class Detector:
         self.backbone_spec = dict(backbone_spec)
         # A fine-tuned variant's image model (finetune.FinetunedMoFE) gives the routed feature itself.
         self.finetuned = backbone_spec["weights"] == "finetuned"
-        self.backbone = backbone.eval() if self.finetuned else backbone.eval().to(memory_format=torch.channels_last)
-        self.prep = Preprocess(int(backbone_spec["image_size"]), tuple(backbone_spec["mean"]),
-                               tuple(backbone_spec["std"]))
+        size = int(backbone_spec["image_size"])
+        # The model as built is what a bundle saves (BatchNorm folding renames its tensors).
+        self.saved_backbone = backbone
+        self.backbone = backbone.eval() if self.finetuned else for_inference(backbone, size)
+        self.prep = Preprocess(size, tuple(backbone_spec["mean"]), tuple(backbone_spec["std"]))
         self.head = head.eval() if head is not None else None
         self.head_files = dict(head_files)
         self.bank = dict(bank)
@@ -255,7 +257,7 @@ class Detector:
         spec = dict(self.backbone_spec)
         if spec["weights"] not in ("package", "finetuned"):  # finetuned: its weights are in head/
             spec["weights"] = "backbone.safetensors"
-            save_tensors({k: v.detach().contiguous() for k, v in self.backbone.state_dict().items()},
+            save_tensors({k: v.detach().contiguous() for k, v in self.saved_backbone.state_dict().items()},
                          out_dir / "backbone.safetensors")
         save_arrays(self.bank, out_dir / "bank.safetensors")
         if self.head_files:

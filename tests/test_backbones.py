@@ -3,7 +3,7 @@ import pytest
 import skimage.data
 import torch
 
-from mofe_ood.backbones import create_backbone, pooled_features, preprocess_config
+from mofe_ood.backbones import create_backbone, for_inference, pooled_features, preprocess_config
 from mofe_ood.extract import preprocess
 from mofe_ood.params import ParamError
 
@@ -29,6 +29,41 @@ def test_feature_model_drops_the_head_and_keeps_the_weights():
     x = torch.randn(2, 3, 128, 128)
     with torch.inference_mode():
         assert pooled_features(feats, x).shape == (2, 1280)
+
+
+def test_folding_batchnorm_keeps_the_features_and_leaves_the_model_alone():
+    model = create_backbone("tf_efficientnet_lite0", "package", 128, num_classes=0).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = for_inference(model, 128)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 49
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # a bundle saves these
+    x = preprocess(skimage.data.chelsea()[None].repeat(3, 0), preprocess_config(model, 128))
+    with torch.inference_mode():
+        want, got = pooled_features(model, x), pooled_features(folded, x)
+    assert torch.allclose(got, want, rtol=0, atol=1e-4 * float(want.abs().max()))
+
+
+def test_folding_skips_a_batchnorm_that_does_not_follow_its_neighbour():
+    class Branches(torch.nn.Module):  # conv and bn are neighbours as children, not in the data flow
+        num_features = 4
+
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 1)
+            self.bn = torch.nn.BatchNorm2d(4)
+            self.bn.running_mean.fill_(3.0)
+            self.bn.running_var.fill_(0.25)
+            self.bn.eval()
+
+        def forward_features(self, x):
+            return self.conv(x) + self.bn(x[:, :1].expand(-1, 4, -1, -1))
+
+        def forward_head(self, x, pre_logits=True):
+            return x.mean((2, 3))
+
+    model = Branches()
+    assert for_inference(model, 8) is model
 
 
 @pytest.mark.parametrize("name, weights, size, match", [

@@ -69,7 +69,7 @@ def test_bundle_is_safetensors_and_json_and_loads_back_identical(detector, tmp_p
     np.testing.assert_array_equal(a.ood_score, b.ood_score)
     np.testing.assert_array_equal(a.probabilities, b.probabilities)
     # A backbone without a weights package (a local file, a fine-tuned one) travels in the bundle.
-    embedded = Detector(variant=detector.variant, classes=detector.classes, backbone=detector.backbone,
+    embedded = Detector(variant=detector.variant, classes=detector.classes, backbone=detector.saved_backbone,
                         backbone_spec={**detector.backbone_spec, "weights": "embedded"}, head=detector.head,
                         head_files=detector.head_files, bank=detector.bank, score=detector.score_spec,
                         max_side=detector.max_side)
