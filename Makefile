@@ -50,4 +50,4 @@ services-down:
 	infra/services.sh stop
 
 clean:
-	rm -rf data models reports dvc.lock
+	rm -rf data models reports *.tmp kfp_local pipeline.yaml
