@@ -125,6 +125,19 @@ def create_backbone(name: str, weights: str, image_size: int, num_classes: int |
                              **kwargs)
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def torch_device(name: str, value: str) -> torch.device:
+    """Param `name` (auto: CUDA when present | cpu | cuda) as a device; a ParamError when it cannot be had."""
+    check_choice(name, value, DEVICES)
+    if value == "cuda" and not torch.cuda.is_available():
+        raise ParamError(f"{name}: 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
+    if value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(value)
+
+
 def preprocess_config(model: nn.Module, image_size: int) -> Preprocess:
     cfg = model.pretrained_cfg
     return Preprocess(image_size, tuple(cfg["mean"]), tuple(cfg["std"]))
@@ -173,7 +186,7 @@ def for_inference(model: nn.Module, image_size: int) -> nn.Module:
     if not pairs:
         return model
     x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = x.to(next(model.parameters()).device).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         want, got = pooled_features(model, x), pooled_features(folded, x)
     return folded if torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max())) else model

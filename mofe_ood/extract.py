@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mofe_ood.backbones import Preprocess, create_backbone, for_inference, pooled_features, preprocess_config
+from mofe_ood.backbones import (Preprocess, create_backbone, for_inference, pooled_features, preprocess_config,
+                                torch_device)
 from mofe_ood.params import check_number
 from mofe_ood.prepare import Images, _load_rgb, load_split
 
@@ -58,10 +59,11 @@ def features_of(model: torch.nn.Module, images: Images, prep: Preprocess, batch_
                 desc: str = "", rows: range | None = None) -> np.ndarray:
     """Pooled features of `images` (or of the `rows` of it), in order, float32."""
     rows = rows if rows is not None else range(len(images))
+    device = next(model.parameters()).device
     out = []
     for start in tqdm(range(rows.start, rows.stop, batch_size), desc=desc, unit="batch",
                       leave=False, disable=None):
-        x = image_batch(images, start, min(start + batch_size, rows.stop), prep)
+        x = image_batch(images, start, min(start + batch_size, rows.stop), prep).to(device)
         out.append(pooled_features(model, x).float().cpu().numpy())
     dim = int(model.num_features)
     return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
@@ -70,8 +72,9 @@ def features_of(model: torch.nn.Module, images: Images, prep: Preprocess, batch_
 def load_model(params: dict) -> tuple[torch.nn.Module, Preprocess]:
     p = params["extract"]
     size = p.get("image_size")
+    device = torch_device("extract.device", p.get("device", "auto"))
     model = create_backbone(p.get("backbone"), str(p.get("weights")), size, num_classes=0)
-    return for_inference(model, size), preprocess_config(model, size)
+    return for_inference(model.to(device), size), preprocess_config(model, size)
 
 
 def configure_threads(params: dict) -> None:

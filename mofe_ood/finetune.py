@@ -37,6 +37,7 @@ from torch import nn
 
 from mofe_ood import mofe as mofe_mod
 from mofe_ood import train as train_mod
+from mofe_ood.backbones import torch_device
 from mofe_ood.params import ParamError, check_choice, check_number, merged
 
 log = logging.getLogger(__name__)
@@ -82,9 +83,7 @@ def config(params: dict) -> dict:
     check_number("finetune.drop_path", p["drop_path"], low=0, high=0.99)
     check_number("finetune.label_smoothing", p["label_smoothing"], low=0, high=0.99)
     check_choice("finetune.mixup", p["mixup"], ("dynamic", "plain", "none"))
-    check_choice("finetune.device", p["device"], ("auto", "cpu", "cuda"))
-    if p["device"] == "cuda" and not torch.cuda.is_available():
-        raise ParamError("finetune.device: 'cuda' but no CUDA device is available")
+    torch_device("finetune.device", p["device"])
     if not isinstance(p["backbone_kwargs"], dict):
         raise ParamError(f"finetune.backbone_kwargs: {p['backbone_kwargs']!r} is not a mapping")
     if not isinstance(p["variant"], str) or not p["variant"] or "/" in p["variant"]:
@@ -107,12 +106,6 @@ class FinetunedMoFE(nn.Module):
 
     def classifier_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.mofe.classifier_weights()
-
-
-def _device(p: dict) -> torch.device:
-    if p["device"] == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(p["device"])
 
 
 def _autocast(device: torch.device, p: dict):
@@ -225,7 +218,7 @@ def run(params: dict, prepared_dir: str | Path = "data/prepared", models_dir: st
     manifest = json.loads((prepared_dir / "manifest.json").read_text())
     classes = list(manifest["classes"])
     train_mod.check_against_data(merged(tp, {"variants": ["mofe"]}), len(classes))
-    device = _device(p)
+    device = torch_device("finetune.device", p["device"])
     if device.type == "cuda":  # same seed, same result, as far as CUDA kernels allow
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False

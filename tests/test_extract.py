@@ -89,8 +89,12 @@ def test_image_files_give_the_same_features_as_arrays(tiny, tmp_path):
 def test_bad_extract_params_keep_earlier_features(tiny):
     params, root, _ = tiny
     before = (root / "features" / "train.npz").read_bytes()
-    for override, match in (({"backbone": "vit_huge_dinov3"}, "extract.backbone: 'vit_huge_dinov3'"),
-                            ({"batch_size": 0}, "extract.batch_size: 0")):
+    cases = [({"backbone": "vit_huge_dinov3"}, "extract.backbone: 'vit_huge_dinov3'"),
+             ({"batch_size": 0}, "extract.batch_size: 0"),
+             ({"device": "gpu"}, "extract.device: 'gpu' is not one of 'auto', 'cpu', 'cuda'")]
+    if not torch.cuda.is_available():
+        cases.append(({"device": "cuda"}, "extract.device: 'cuda' but no CUDA device"))
+    for override, match in cases:
         with pytest.raises(ParamError, match=match):
             extract.run(merged(params, {"extract": override}), root / "prepared", root / "features")
     assert (root / "features" / "train.npz").read_bytes() == before
