@@ -152,6 +152,17 @@ def feature_dim(model: nn.Module) -> int:
     return int(model.num_features)
 
 
+def _conv_bn_pairs(root: nn.Module):
+    """(parent, conv, bn name, bn) for each Conv2d directly followed by an inference-ready BatchNorm2d
+    among the children of one module."""
+    for parent in root.modules():
+        children = list(parent.named_children())
+        for (_, conv), (bn_name, bn) in zip(children, children[1:]):
+            if (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats
+                    and bn.running_var is not None and conv.out_channels == bn.num_features):
+                yield parent, conv, bn_name, bn
+
+
 @torch.no_grad()
 def for_inference(model: nn.Module, image_size: int) -> nn.Module:
     """`model` in eval mode and channels_last, each BatchNorm folded into the convolution before it.
@@ -167,24 +178,18 @@ def for_inference(model: nn.Module, image_size: int) -> nn.Module:
     import copy
 
     model = model.eval().to(memory_format=torch.channels_last)
-    folded, pairs = copy.deepcopy(model), 0
-    for parent in list(folded.modules()):
-        children = list(parent.named_children())
-        for (_, conv), (bn_name, bn) in zip(children, children[1:]):
-            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats
-                    and bn.running_var is not None and conv.out_channels == bn.num_features):
-                continue
-            scale = (bn.weight if bn.affine else 1.0) / torch.sqrt(bn.running_var + bn.eps)
-            shift = (bn.bias if bn.affine else 0.0) - bn.running_mean * scale
-            conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
-            bias = shift if conv.bias is None else conv.bias * scale + shift
-            conv.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-            # timm's BatchNormAct2d is BatchNorm + dropout + activation: keep the last two.
-            rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
-            setattr(parent, bn_name, nn.Sequential(*rest) if rest else nn.Identity())
-            pairs += 1
-    if not pairs:
+    if next(_conv_bn_pairs(model), None) is None:  # e.g. a ViT: nothing to fold, nothing to copy
         return model
+    folded = copy.deepcopy(model)
+    for parent, conv, bn_name, bn in list(_conv_bn_pairs(folded)):
+        scale = (bn.weight if bn.affine else 1.0) / torch.sqrt(bn.running_var + bn.eps)
+        shift = (bn.bias if bn.affine else 0.0) - bn.running_mean * scale
+        conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+        bias = shift if conv.bias is None else conv.bias * scale + shift
+        conv.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        # timm's BatchNormAct2d is BatchNorm + dropout + activation: keep the last two.
+        rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+        setattr(parent, bn_name, nn.Sequential(*rest) if rest else nn.Identity())
     x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     x = x.to(next(model.parameters()).device).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():

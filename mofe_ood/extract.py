@@ -73,6 +73,11 @@ def load_model(params: dict) -> tuple[torch.nn.Module, Preprocess]:
     p = params["extract"]
     size = p.get("image_size")
     device = torch_device("extract.device", p.get("device", "auto"))
+    if device.type == "cuda":
+        # Float32 convolutions, not TF32 (cuDNN's default): GPU features then equal the CPU's up
+        # to rounding, as `mofe score` (on the CPU) must reproduce evaluate's numbers.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     model = create_backbone(p.get("backbone"), str(p.get("weights")), size, num_classes=0)
     return for_inference(model.to(device), size), preprocess_config(model, size)
 

@@ -44,7 +44,7 @@ def test_folding_batchnorm_keeps_the_features_and_leaves_the_model_alone():
     assert torch.allclose(got, want, rtol=0, atol=1e-4 * float(want.abs().max()))
 
 
-def test_folding_skips_a_batchnorm_that_does_not_follow_its_neighbour():
+def test_folding_skips_a_batchnorm_that_does_not_follow_its_neighbour_and_models_without_one():
     class Branches(torch.nn.Module):  # conv and bn are neighbours as children, not in the data flow
         num_features = 4
 
@@ -64,6 +64,8 @@ def test_folding_skips_a_batchnorm_that_does_not_follow_its_neighbour():
 
     model = Branches()
     assert for_inference(model, 8) is model
+    vit = create_backbone("vit_small_patch14_dinov2", "random", 28, num_classes=0)
+    assert for_inference(vit, 28) is vit  # nothing to fold: no copy made
 
 
 @pytest.mark.parametrize("name, weights, size, match", [

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -44,6 +45,8 @@ def bad_files(folder):
 
 
 def test_detector_computes_what_evaluate_computes(project, detector):
+    # The same folded backbone as extract (BatchNorm in the convolutions), the same numbers.
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in detector.backbone.modules())
     ref = np.load(project / "reports" / "scores" / f"{VARIANT}__knn.npz")
     test, near = (detector.predict(split_images(project, s)) for s in ("test", "fmnist_near"))
     np.testing.assert_allclose(test.ood_score, ref["test"], rtol=0, atol=1e-5)
