@@ -11,16 +11,28 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run test fashion-mnist services services-down clean
+.PHONY: setup run test fashion-mnist services services-down image lock clean
 
 setup: $(VENV)/.installed fashion-mnist
 
 # pip (not uv) on purpose: it takes torch/torchvision from this machine's local files.
-$(VENV)/.installed: pyproject.toml
+# requirements.lock pins every package, for this environment and the image alike.
+$(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -e '.[pipeline,dev]'
+	$(PY) -m pip install -c requirements.lock -e '.[pipeline,dev]'
 	touch $@
+
+# After changing dependencies in pyproject.toml: re-resolve and pin (then commit the lock).
+lock:
+	$(PY) -m pip install -e '.[pipeline,dev]'
+	{ sed -n '1,2p' requirements.lock; $(PY) -m pip freeze --exclude-editable --all | grep -v '^pip=='; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+# The component image (infra/Dockerfile) with docker or podman, tagged with the commit.
+# Where no registry answers, it first makes a local Debian base (debootstrap). See infra/README.md.
+image:
+	infra/image.sh build
 
 fashion-mnist:
 	@if [ -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz ]; then :; \
@@ -42,11 +54,14 @@ test: setup
 	$(VENV)/bin/pytest -q
 
 # Local S3 (SeaweedFS, 127.0.0.1:8333, data in .services/); `make services MLFLOW=1` adds
-# an MLflow server on :5000. Then: eval "$$(infra/services.sh env)". See infra/README.md.
+# an MLflow server on :5000; where podman is installed, its Docker API socket too (for
+# `pipeline.py run --runner docker`). Then: eval "$$(infra/services.sh env)". See infra/README.md.
 services: $(VENV)/.installed
 	infra/services.sh start $(if $(MLFLOW),--mlflow)
+	if command -v podman >/dev/null; then infra/image.sh api start; fi
 
 services-down:
+	infra/image.sh api stop
 	infra/services.sh stop
 
 clean:

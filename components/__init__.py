@@ -18,7 +18,8 @@ SubprocessRunner installs nothing either). pipeline.py sets each task's image.
 
 from kfp import dsl
 
-DEFAULT_IMAGE = "ghcr.io/example/mofe-ood:0.1.0"
+# A repository without a tag: pipeline.py tags it with the commit (infra/image.sh tag).
+DEFAULT_IMAGE = "mofe-ood"
 
 
 def sections(**texts: str) -> dict:

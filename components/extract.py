@@ -1,6 +1,5 @@
-"""Components of stage `extract`, scaled out: list the shards, featurise each, merge.
-
-With `extract.shards: 1` this is one `extract` task and a merge that copies it.
+"""Components of stage `extract`: the whole stage in one step, or scaled out (list the shards,
+featurise each, merge), as pipeline.py picks by `extract.shards`.
 """
 
 from typing import List
@@ -11,21 +10,40 @@ from components import component, sections
 
 
 @component
+def extract(base: str, extract: str, gpus: int, prepared: Input[Dataset], features: Output[Dataset]):
+    """Features of every prepared split (`extract.shards: 1`: the plain DAG).
+
+    `gpus` > 0: the pod has GPUs, so the stage runs on CUDA and fails loudly where it cannot.
+    """
+    from mofe_ood import extract as stage
+
+    params = sections(base=base, extract=extract)
+    params["extract"]["gpus"] = int(gpus)  # the local runner passes ints as floats
+    if int(gpus):
+        params["extract"]["device"] = "cuda"
+    info = stage.run(params, prepared.path, features.path)
+    features.metadata.update(backbone=info["backbone"], feature_dim=info["feature_dim"])
+
+
+@component
 def shard_indices(extract: str) -> List[int]:
-    """0 .. extract.shards - 1: the items the pipeline's ParallelFor runs `extract` over."""
+    """0 .. extract.shards - 1: the items the pipeline's ParallelFor runs `extract_shard` over."""
     from mofe_ood.extract import shard_count
 
     return list(range(shard_count(sections(extract=extract))))
 
 
 @component
-def extract(base: str, extract: str, prepared: Input[Dataset], shard: int,
-            features: Output[Dataset]):
+def extract_shard(base: str, extract: str, gpus: int, prepared: Input[Dataset], shard: int,
+                  features: Output[Dataset]):
     """Features of shard `shard` (a run of whole batches) of every prepared split."""
     from mofe_ood import extract as stage
 
     params = sections(base=base, extract=extract)
-    stage.run_shard(params, prepared.path, features.path, shard)
+    params["extract"]["gpus"] = int(gpus)
+    if int(gpus):
+        params["extract"]["device"] = "cuda"
+    stage.run_shard(params, prepared.path, features.path, int(shard))
 
 
 @component

@@ -6,12 +6,18 @@ from components import component, log_metrics, sections
 
 
 @component
-def train(base: str, extract: str, train: str, finetune: str, prepared: Input[Dataset],
+def train(base: str, extract: str, train: str, finetune: str, gpus: int, prepared: Input[Dataset],
           features: Input[Dataset], models: Output[Model], metrics: Output[Metrics]):
-    """Train every variant of `train.variants` into `models/<variant>/`; with `train.gpus` > 1
-    GPUs in the pod, `run` starts one data-parallel process per GPU (torchrun), as `mofe train` does."""
+    """Train every variant of `train.variants` into `models/<variant>/`.
+
+    `gpus`: the GPUs of the pod. > 0: fine-tuning runs on CUDA (failing loudly where it cannot);
+    > 1: `run` starts one data-parallel process per GPU (torchrun), as `mofe train` does.
+    """
     from mofe_ood import train as stage
 
     params = sections(base=base, extract=extract, train=train, finetune=finetune)
+    params["train"]["gpus"] = int(gpus)  # the local runner passes ints as floats
+    if int(gpus):
+        params["finetune"]["device"] = "cuda"
     result = stage.run(params, features.path, models.path, prepared.path)
     log_metrics(metrics, result if isinstance(result, dict) else {})

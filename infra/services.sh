@@ -201,6 +201,7 @@ print_env() {
     if alive "$MLFLOW_PID" "mlflow"; then
         printf 'export MLFLOW_TRACKING_URI=%q\n' "$MLFLOW_URI"
     fi
+    "$ROOT/infra/image.sh" api env  # DOCKER_HOST, when podman's API socket is up
 }
 
 usage() {

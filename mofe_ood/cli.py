@@ -27,6 +27,8 @@ STAGES = {
 USER_COMMANDS = {
     "score": "classify images and flag OOD ones (one JSON line per image, or CSV with --out)",
     "promote": "move the registry's `champion` alias to a model version (same gate as register)",
+    "push-raw": "copy raw data to S3 for container steps (default: Fashion-MNIST's files to "
+                "s3://$S3_BUCKET/raw/fashion-mnist)",
 }
 
 
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = params_mod.merged(load_params(args.params, args.command), parse_set(args.set))
         if args.command in USER_COMMANDS:
-            return {"score": score, "promote": promote}[args.command](args, params)
+            return {"score": score, "promote": promote, "push-raw": push_raw}[args.command](args, params)
         module = importlib.import_module(STAGES[args.command][0])
         result = module.run(params)
     except (params_mod.ParamError, FileNotFoundError, ConnectionError, ValueError) as err:
@@ -102,6 +104,10 @@ def add_user_commands(commands) -> None:
             sub.add_argument("--out", help="write CSV here instead of JSON lines on stdout")
             sub.add_argument("--batch-size", type=int, default=64)
             sub.add_argument("--stats", action="store_true", help="print images/s on stderr")
+        elif name == "push-raw":
+            sub.add_argument("--src", help="a file or folder (default: Fashion-MNIST's folder, "
+                                           "prepare.fashion_mnist_dir or $FASHION_MNIST_DIR)")
+            sub.add_argument("--to", help="s3://BUCKET/PREFIX (default: s3://$S3_BUCKET/raw/fashion-mnist)")
         else:
             sub.add_argument("--version", required=True, type=int, help="model version to promote")
             sub.add_argument("--force", action="store_true", help="promote even if the gate says no")
@@ -153,6 +159,24 @@ def score(args, params: dict) -> int:
         print(f"mofe score: {seconds:.2f} s, {scored / max(seconds, 1e-9):.1f} images/s "
               f"(model loaded in {loaded - started:.1f} s)", file=sys.stderr)
     return 0 if scored else 1
+
+
+def push_raw(args, params: dict) -> int:
+    """`mofe push-raw`: what a container step reads instead of a host folder (see prepare.py)."""
+    import os
+
+    from mofe_ood import storage
+
+    src = args.src or (params.get("prepare") or {}).get("fashion_mnist_dir") or os.environ.get(
+        "FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
+    if not Path(src).exists():
+        raise FileNotFoundError(f"--src {src!r} does not exist")
+    settings = storage.check_s3()
+    uri = args.to or f"s3://{settings.bucket}/raw/fashion-mnist"
+    storage.split_s3(uri)
+    keys = storage.upload(src, uri)
+    print(json.dumps({"uri": uri, "objects": len(keys), "from": str(src)}))
+    return 0
 
 
 def promote(args, params: dict) -> int:

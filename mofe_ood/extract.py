@@ -127,6 +127,7 @@ def _extract(params: dict, prepared_dir: str | Path, out_dir: str | Path,
              shard: tuple[int, int] | None) -> dict:
     p = params["extract"]
     batch_size = check_number("extract.batch_size", p.get("batch_size", 64), low=1, integer=True)
+    check_number("extract.gpus", p.get("gpus", 0), low=0, integer=True)  # the pod's; the device is extract.device
     configure_threads(params)
     torch.manual_seed(int(params.get("base", {}).get("seed", 0)))
     model, prep = load_model(params)

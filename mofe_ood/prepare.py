@@ -6,6 +6,13 @@ files, read lazily by `extract`: an ImageNet-sized folder does not fit in one
 array), and `manifest.json` (source, counts per class, checksums). ID splits are
 `train`, `val` (carved from the source's train data, never from its test data)
 and `test`; every OOD set is named by its key in params and tagged near or far.
+
+Raw data can come from S3 (ours: a container step reads no host folder): any folder
+param (`fashion_mnist_dir`, `id.root`, an OOD or `extra_ood` `path`) may be an
+`s3://bucket/prefix` URI, read with the environment's endpoint and credentials
+(mofe_ood.storage). Fashion-MNIST's files are read and dropped; an image folder is
+copied into `files/<name>/` of the output, and its `paths` are stored relative to the
+output folder, so the next step (another container) finds them in the artifact.
 """
 
 from __future__ import annotations
@@ -16,12 +23,14 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from mofe_ood import storage
 from mofe_ood.params import ParamError, check_choice, check_number
 
 log = logging.getLogger(__name__)
@@ -59,9 +68,23 @@ class Context:
     seed: int
     download: bool
     cache_dir: Path
-    fashion_mnist_dir: Path
+    fashion_mnist_dir: str
     max_side: int
     bad_images: str
+    files_dir: Path | None = None  # s3:// image folders are copied here (inside the output)
+    scratch: Path | None = None    # s3:// raw files read once, deleted with the stage
+
+    def local(self, where: str, what: str, keep: bool) -> Path:
+        """A folder param as a local folder: an s3:// URI is downloaded first (see module doc)."""
+        if not storage.is_s3(where):
+            return Path(where)
+        base = self.files_dir if keep else self.scratch
+        if base is None:
+            raise ValueError(f"{what}: {where} is on S3, which this call cannot read")
+        dest = base / what.replace("prepare.", "").replace("evaluate.", "")
+        if not dest.is_dir():  # the same URI twice (train and test files): one download
+            storage.download(where, dest, what)
+        return dest
 
 
 # ---------------------------------------------------------------- sources
@@ -76,13 +99,15 @@ def _read_idx(path: Path) -> np.ndarray:
 
 def fashion_mnist(ctx: Context, train: bool) -> Images:
     stem = "train" if train else "t10k"
-    files = [ctx.fashion_mnist_dir / f"{stem}-{kind}-ubyte.gz" for kind in ("images-idx3", "labels-idx1")]
+    folder = ctx.local(ctx.fashion_mnist_dir, "prepare.fashion_mnist_dir", keep=False)
+    files = [folder / f"{stem}-{kind}-ubyte.gz" for kind in ("images-idx3", "labels-idx1")]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(
             f"Fashion-MNIST not found: {', '.join(missing)}. Install the Debian package "
             "(apt-get install dataset-fashion-mnist) or set prepare.fashion_mnist_dir "
-            "(or FASHION_MNIST_DIR) to a folder with the four *-ubyte.gz files")
+            "(or FASHION_MNIST_DIR) to a folder, or an s3:// prefix (mofe push-raw), with the "
+            "four *-ubyte.gz files")
     images, labels = (_read_idx(f) for f in files)
     return Images(labels.astype(np.int64), images=images, class_names=FASHION_MNIST_CLASSES)
 
@@ -146,12 +171,14 @@ def torchvision_set(ctx: Context, name: str, train: bool) -> Images:
                   class_names=classes)
 
 
-def image_folder(ctx: Context, root: Path, with_classes: bool, what: str) -> Images:
+def image_folder(ctx: Context, where: str, with_classes: bool, what: str) -> Images:
     """An image folder: `root/<class>/*` (with_classes) or any images below `root`.
 
-    Every file is opened and checked; unreadable ones are skipped with a warning
-    and counted (prepare.bad_images: skip) or stop the stage (fail).
+    `where`: a local path or an s3:// prefix. Every file is opened and checked;
+    unreadable ones are skipped with a warning and counted (prepare.bad_images: skip)
+    or stop the stage (fail).
     """
+    root = ctx.local(where, what, keep=True)
     if not root.is_dir():
         raise FileNotFoundError(f"{what}: image folder {str(root)!r} does not exist")
     if with_classes:
@@ -236,12 +263,12 @@ def id_splits(spec: dict, ctx: Context) -> tuple[dict[str, Images], list[str]]:
     take = {k: check_number(f"prepare.id.{k}", spec.get(k), low=1, integer=True, allow_none=True)
             for k in ("train_per_class", "val_per_class", "test_per_class")}
     if source == "imagefolder":
-        root = Path(spec.get("root") or "")
-        train = image_folder(ctx, root / "train", True, "prepare.id.root")
-        tests = root / "test"
-        test = image_folder(ctx, tests, True, "prepare.id.root") if tests.is_dir() else None
-        if test is None:
-            raise FileNotFoundError(f"prepare.id.root: {root} has no test/ folder (<root>/test/<class>/...)")
+        root = ctx.local(str(spec.get("root") or ""), "prepare.id.root", keep=True)
+        train = image_folder(ctx, str(root / "train"), True, "prepare.id.root")
+        if not (root / "test").is_dir():
+            raise FileNotFoundError(f"prepare.id.root: {spec.get('root')} has no test/ folder "
+                                    "(<root>/test/<class>/...)")
+        test = image_folder(ctx, str(root / "test"), True, "prepare.id.root")
     elif source == "fashion_mnist":
         train, test = fashion_mnist(ctx, True), fashion_mnist(ctx, False)
     else:
@@ -278,7 +305,7 @@ def ood_set(name: str, spec: dict, ctx: Context) -> Images:
     elif source == "textile":
         images = textile(ctx)
     elif source == "imagefolder":
-        images = image_folder(ctx, Path(spec.get("path") or ""), False, what)
+        images = image_folder(ctx, str(spec.get("path") or ""), False, what)
     else:
         images = torchvision_set(ctx, source, train=False)
     if spec.get("classes") is not None:
@@ -325,7 +352,7 @@ def _context(params: dict) -> Context:
         seed=int(params.get("base", {}).get("seed", 0)),
         download=bool(p.get("download", False)),
         cache_dir=Path(os.path.expanduser(p.get("cache_dir") or "~/.cache/mofe-ood")),
-        fashion_mnist_dir=Path(p.get("fashion_mnist_dir") or os.environ.get(
+        fashion_mnist_dir=str(p.get("fashion_mnist_dir") or os.environ.get(
             "FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")),
         max_side=check_number("prepare.max_side", p.get("max_side", 128), low=16, integer=True),
         bad_images=check_choice("prepare.bad_images", p.get("bad_images", "skip"), ("skip", "fail")),
@@ -339,16 +366,21 @@ def run(params: dict, out_dir: str | Path = "data/prepared") -> dict:
     for name, spec in specs.items():  # check every OOD spec before the slow loading starts
         check_choice(f"prepare.ood.{name}.source", (spec or {}).get("source"), OOD_SOURCES)
         check_choice(f"prepare.ood.{name}.group", (spec or {}).get("group"), GROUPS)
-    splits, class_names = id_splits(params["prepare"].get("id") or {}, ctx)
-    kinds = {name: ("id", None, params["prepare"]["id"]["source"]) for name in splits}
-    for name, spec in specs.items():
-        splits[name] = ood_set(name, spec, ctx)
-        kinds[name] = ("ood", spec["group"], spec["source"])
-
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    ctx.files_dir = tmp / "files"
+    with tempfile.TemporaryDirectory(prefix="mofe-prepare-") as scratch:
+        ctx.scratch = Path(scratch)
+        splits, class_names = id_splits(params["prepare"].get("id") or {}, ctx)
+        kinds = {name: ("id", None, params["prepare"]["id"]["source"]) for name in splits}
+        for name, spec in specs.items():
+            splits[name] = ood_set(name, spec, ctx)
+            kinds[name] = ("ood", spec["group"], spec["source"])
+    for images in splits.values():  # copied from S3 into the output: stored relative to it
+        if images.paths is not None:
+            images.paths = np.array([_relative(p, tmp) for p in images.paths])
     manifest = {"classes": class_names, "seed": ctx.seed, "splits": {}}
     for name, images in splits.items():
         arrays = {"labels": images.labels}
@@ -373,7 +405,16 @@ def run(params: dict, out_dir: str | Path = "data/prepared") -> dict:
     return manifest
 
 
+def _relative(path: str, root: Path) -> str:
+    root = str(root.resolve()) + os.sep
+    return path[len(root):] if path.startswith(root) else path
+
+
 def load_split(prepared_dir: str | Path, name: str) -> Images:
+    """One split of `prepared_dir`; relative image paths (files copied from S3) resolved against it."""
     with np.load(Path(prepared_dir) / f"{name}.npz", allow_pickle=False) as f:
-        return Images(f["labels"], images=f["images"] if "images" in f else None,
-                      paths=f["paths"] if "paths" in f else None)
+        paths = f["paths"] if "paths" in f else None
+        if paths is not None:
+            base = Path(prepared_dir).resolve()
+            paths = np.array([p if os.path.isabs(p) else str(base / p) for p in paths.tolist()])
+        return Images(f["labels"], images=f["images"] if "images" in f else None, paths=paths)

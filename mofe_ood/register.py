@@ -167,7 +167,10 @@ def git_state(cwd: str | Path = ".") -> dict[str, str]:
         return done.stdout.strip() if done.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    if commit is None:
+    if commit is None:  # no checkout (a container): the commit its image was built from
+        baked = os.environ.get("MOFE_GIT_COMMIT")
+        if baked and baked != "unknown":
+            return {"git_commit": baked.removesuffix("-dirty"), "git_dirty": str(baked.endswith("-dirty")).lower()}
         return {"git_commit": "unknown"}
     dirty = git("status", "--porcelain", "--untracked-files=no")
     return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
@@ -296,8 +299,13 @@ def apply(client, name: str, version: str, decision: Decision, how: str) -> None
 # ---------------------------------------------------------------- stage
 
 def run(params: dict, models_dir: str | Path = "models", reports_dir: str | Path = "reports",
-        features_dir: str | Path = "data/features", out: str | Path | None = None) -> dict:
-    """Register `register.variant`; writes and returns {version, alias, reason, ...} (registration.json)."""
+        features_dir: str | Path = "data/features", out: str | Path | None = None,
+        lineage: dict[str, str] | None = None) -> dict:
+    """Register `register.variant`; writes and returns {version, alias, reason, ...} (registration.json).
+
+    `lineage`: where the inputs came from when no dvc.lock says it (a Kubeflow run: its id,
+    the input artifacts' URIs, the image); tagged on the MLflow run instead of the DVC hashes.
+    """
     p = settings(params)
     models_dir, reports_dir, features_dir = Path(models_dir), Path(reports_dir), Path(features_dir)
     out = Path(out) if out is not None else reports_dir / "registration.json"
@@ -319,14 +327,15 @@ def run(params: dict, models_dir: str | Path = "models", reports_dir: str | Path
         bundle = Detector.from_pipeline(variant, models_dir, features_dir, reports_dir, params).save(
             Path(tmp) / "detector")
         digest = content_hash(bundle, entry, variant)
-        result = _register(client, uri, p, params, new, entry, info, bundle, digest, reports_dir)
+        result = _register(client, uri, p, params, new, entry, info, bundle, digest, reports_dir,
+                           lineage)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
 def _register(client, uri, p, params, new: Candidate, entry, info, bundle: Path, digest: str,
-              reports_dir: Path) -> dict:
+              reports_dir: Path, lineage: dict[str, str] | None = None) -> dict:
     import mlflow
 
     name = p["model_name"]
@@ -352,7 +361,7 @@ def _register(client, uri, p, params, new: Candidate, entry, info, bundle: Path,
     decision = decide(new, champion_version, champion, p)
     experiment_id = _experiment_id(client, p["experiment"], uri)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{new.variant}-{digest[:8]}") as run:
-        _log_run(params, entry, info, reports_dir, new)
+        _log_run(params, entry, info, reports_dir, new, lineage)
         model_info = _log_model(bundle)
     tags = _version_tags(new, entry, info, digest, decision, params)
     version = mlflow.register_model(model_info.model_uri, name, tags=tags, await_registration_for=60)
@@ -382,7 +391,8 @@ def _version_with_hash(client, name: str, digest: str):
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
-def _log_run(params: dict, entry: dict, info: dict, reports_dir: Path, new: Candidate) -> None:
+def _log_run(params: dict, entry: dict, info: dict, reports_dir: Path, new: Candidate,
+             lineage: dict[str, str] | None = None) -> None:
     import mlflow
 
     flat = {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flatten(params).items()}
@@ -391,7 +401,8 @@ def _log_run(params: dict, entry: dict, info: dict, reports_dir: Path, new: Cand
     mlflow.log_metrics({_metric_key(k): float(v) for k, v in flatten(metrics_all).items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
     mlflow.log_metrics({k: v for k, v in headline(entry, new.score).items() if v is not None})
-    mlflow.set_tags({**git_state(), **dvc_hashes(), "variant": new.variant, "score": new.score,
+    where = {k: v for k, v in (lineage or {}).items() if v} or dvc_hashes()
+    mlflow.set_tags({**git_state(), **where, "variant": new.variant, "score": new.score,
                      "backbone": info["backbone"], "image_size": str(info["image_size"])})
     for f in ("results.md", "metrics.json", "thresholds.json"):
         if (reports_dir / f).is_file():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:8333"
@@ -132,3 +133,76 @@ def check_s3(endpoint: str | None = None, bucket: str | None = None, *,
     except BotoCoreError as err:
         raise StorageError(f"S3 request to {where} failed: {err}") from None
     return settings
+
+
+# ---------------------------------------------------------------- s3:// URIs (raw data for `prepare`)
+
+def is_s3(uri: object) -> bool:
+    return isinstance(uri, str) and uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """`s3://bucket/some/key` -> ("bucket", "some/key"); the key may be empty (the whole bucket)."""
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not is_s3(uri) or not bucket:
+        raise StorageError(f"{uri!r} is not an s3:// URI with a bucket (s3://BUCKET/KEY)")
+    return bucket, key
+
+
+def download(uri: str, dest: str | Path, what: str = "") -> Path:
+    """Copy the object `uri`, or every object under the prefix `uri/`, into the folder `dest`.
+
+    The endpoint and credentials are the environment's (s3_settings). A prefix keeps its
+    layout below `dest` (an ImageFolder arrives as an ImageFolder). Raises StorageError
+    naming the bucket and key when nothing is there; returns `dest`.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split_s3(uri)
+    settings = s3_settings(bucket=bucket)
+    client = s3_client(settings)
+    dest = Path(dest)
+    label = f"{what}: " if what else ""
+    prefix = key.rstrip("/") + "/" if key else ""
+    try:
+        keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+                for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+        if not keys and key:  # not a prefix: one object
+            client.head_object(Bucket=bucket, Key=key)
+            keys, prefix = [key], key[:key.rfind("/") + 1]
+        if not keys:
+            raise StorageError(f"{label}nothing under s3://{bucket}/{key} (bucket {bucket!r}, "
+                               f"key {key!r}) at {settings.endpoint_url}")
+        for name in keys:
+            target = dest / name[len(prefix):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, name, str(target))
+    except ClientError as err:
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchKey", "NotFound"):
+            raise StorageError(f"{label}no object s3://{bucket}/{key} (bucket {bucket!r}, key {key!r}) "
+                               f"at {settings.endpoint_url}") from None
+        if code in _NO_BUCKET:
+            raise StorageError(f"{label}bucket {bucket!r} does not exist at {settings.endpoint_url} "
+                               f"(key {key!r})") from None
+        raise StorageError(f"{label}reading s3://{bucket}/{key} at {settings.endpoint_url} failed: "
+                           f"{code or err}") from None
+    except BotoCoreError as err:
+        raise StorageError(f"{label}reading s3://{bucket}/{key} at {settings.endpoint_url} failed: {err}") from None
+    return dest
+
+
+def upload(src: str | Path, uri: str) -> list[str]:
+    """Copy the file `src`, or every file below the folder `src`, to `uri` (a key or prefix)."""
+    bucket, key = split_s3(uri)
+    client = s3_client(s3_settings(bucket=bucket))
+    src = Path(src)
+    files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"nothing to upload in {str(src)!r}")
+    keys = []
+    for path in files:
+        name = key if src.is_file() else f"{key.rstrip('/')}/{path.relative_to(src).as_posix()}".lstrip("/")
+        client.upload_file(str(path), bucket, name)
+        keys.append(f"s3://{bucket}/{name}")
+    return keys

@@ -96,7 +96,7 @@ DEFAULTS = {
     },
     "checkpoint_dir": None,   # a folder: checkpoint every epoch and resume from it
     "num_threads": 1,         # 1: tiny matmuls lose to thread overhead on a busy 2-core machine; same results
-    "gpus": 1,                # Kubeflow's GPU request for the step; > 1: one data-parallel process per GPU
+    "gpus": 0,                # Kubeflow: GPUs of the step; > 1: one data-parallel process per GPU
     "processes": None,        # data-parallel processes; None: `gpus` where CUDA is available, else 1
 }
 

@@ -44,15 +44,32 @@ def available(stage: str) -> bool:
 # ------------------------------------------------------------------ the compiled IR
 
 
-@pytest.fixture(scope="module")
-def ir(tmp_path_factory):
+def compiled(tmp_path_factory, *sets: str, env=None) -> tuple[str, dict, dict, float]:
     out = tmp_path_factory.mktemp("ir") / "pipeline.yaml"
     start = time.perf_counter()
-    pipeline_py("compile", "--out", out)
+    pipeline_py("compile", "--out", out, *[a for s in sets for a in ("--set", s)], env=env)
     seconds = time.perf_counter() - start
     text = out.read_text()
     spec, platform = yaml.safe_load_all(text)
     return text, spec, platform, seconds
+
+
+@pytest.fixture(scope="module")
+def ir(tmp_path_factory):
+    """The IR of the default params."""
+    return compiled(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ir_gpu(tmp_path_factory):
+    """Fine-tuning on 2 GPUs, extraction on 1, GPU nodes picked by a label."""
+    return compiled(tmp_path_factory, "finetune.enabled=true", "train.gpus=2", "extract.gpus=1",
+                    "kfp.gpu_node_selector={gpu: h200}")
+
+
+def executors(spec: dict, platform: dict) -> tuple[dict, dict]:
+    return (spec["deploymentSpec"]["executors"],
+            platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"])
 
 
 def test_ir_parses_as_kfp_protobufs_and_compiles_quickly(ir):
@@ -62,12 +79,17 @@ def test_ir_parses_as_kfp_protobufs_and_compiles_quickly(ir):
     json_format.ParseDict(platform, PlatformSpec())
     assert parsed.pipeline_info.name == "mofe-ood"
     assert parsed.default_pipeline_root == "s3://mofe-ood/kfp"
-    # Defaults are params.yaml's sections, nulls and ints as written.
-    defaults = {name: json.loads(p["defaultValue"])
-                for name, p in spec["root"]["inputDefinitions"]["parameters"].items()}
+    # Defaults are params.yaml's sections, nulls and ints as written; the GPU counts are ints
+    # of their own, taken out of their sections.
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
     params = load(ROOT / "params.yaml")
-    for section in ("base", "prepare", "extract", "evaluate"):
-        assert defaults[section] == params[section]
+    for section in ("base", "evaluate", "train", "extract"):
+        expected = {k: v for k, v in params[section].items() if k != "gpus"}
+        assert json.loads(inputs[section]["defaultValue"]) == expected
+    assert inputs["extract_gpus"]["parameterType"] == "NUMBER_INTEGER"
+    assert inputs["train_gpus"]["defaultValue"] == params["train"]["gpus"] == 0
+    # A container has no host folder: Fashion-MNIST comes from S3 (mofe push-raw).
+    assert json.loads(inputs["prepare"]["defaultValue"])["fashion_mnist_dir"].startswith("s3://")
 
 
 def _upstream(tasks: dict, name: str) -> set:
@@ -80,63 +102,131 @@ def _upstream(tasks: dict, name: str) -> set:
     return seen
 
 
-def test_ir_runs_the_stages_in_order(ir):
-    _, spec, _, _ = ir
+def test_ir_of_one_shard_is_a_plain_five_step_dag(ir):
+    """extract.shards: 1 (the default): no ParallelFor, no Collected: any KFP 2.x backend runs it."""
+    text, spec, _, _ = ir
     tasks = spec["root"]["dag"]["tasks"]
-    # `extract` runs inside the ParallelFor group: stand the group in for it.
+    assert sorted(tasks) == sorted(STAGES)
+    assert "parameterIterator" not in text and "isArtifactList" not in text
+    for before, after in zip(STAGES, STAGES[1:]):
+        assert before in _upstream(tasks, after), f"{before} must run before {after}"
+
+
+def test_ir_of_shards_fans_out_and_in(tmp_path_factory):
+    _, spec, _, _ = compiled(tmp_path_factory, "extract.shards=3")
+    tasks = spec["root"]["dag"]["tasks"]
     loop = next(name for name, t in tasks.items() if "parameterIterator" in t)
-    assert list(spec["components"][tasks[loop]["componentRef"]["name"]]["dag"]["tasks"]) == ["extract"]
+    assert list(spec["components"][tasks[loop]["componentRef"]["name"]]["dag"]["tasks"]) == ["extract-shard"]
     chain = ["prepare", loop, "merge-features", "train", "evaluate", "register"]
     for before, after in zip(chain, chain[1:]):
         assert before in _upstream(tasks, after), f"{before} must run before {after}"
     assert "shard-indices" in _upstream(tasks, loop)
 
 
-def test_ir_asks_the_cluster_for_a_gpu_on_train_only(ir):
-    _, spec, _, _ = ir
-    executors = spec["deploymentSpec"]["executors"]
-    for name, executor in executors.items():
+def test_ir_of_defaults_asks_for_no_gpu(ir):
+    _, spec, platform, _ = ir
+    specs, k8s = executors(spec, platform)
+    for name, executor in specs.items():
         container = executor["container"]
         assert container["image"] == IMAGE
         resources = container["resources"]
         assert resources["resourceCpuRequest"] and resources["resourceMemoryRequest"]
-        gpu = resources.get("accelerator")
-        if name == "exec-train":
-            assert gpu["resourceType"] == "nvidia.com/gpu" and gpu["resourceCount"] == "1"
-        else:
-            assert gpu is None, name
+        assert "accelerator" not in resources, name
         # The project image holds mofe_ood and kfp: nothing is pip-installed at start.
         assert "pip install" not in " ".join(container["command"]), name
+    for name, executor in k8s.items():
+        assert "tolerations" not in executor and "emptyDirMounts" not in executor, name
+    assert k8s["exec-train"]["activeDeadlineSeconds"] == "86400"
+
+
+def test_ir_asks_for_gpus_where_params_say(ir_gpu):
+    _, spec, platform, _ = ir_gpu
+    specs, k8s = executors(spec, platform)
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    assert inputs["train_gpus"]["defaultValue"] == 2 and inputs["extract_gpus"]["defaultValue"] == 1
+    for name, count in (("train", "train_gpus"), ("extract", "extract_gpus")):
+        gpu = specs[f"exec-{name}"]["container"]["resources"]["accelerator"]
+        # The limit is the integer pipeline parameter: the UI can change the count per run.
+        assert gpu["resourceType"] == "nvidia.com/gpu"
+        assert gpu["resourceCount"] == f"{{{{$.inputs.parameters['pipelinechannel--{count}']}}}}"
+        task = spec["root"]["dag"]["tasks"][name]
+        assert task["inputs"]["parameters"]["gpus"]["componentInputParameter"] == count
+        assert k8s[f"exec-{name}"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert k8s[f"exec-{name}"]["nodeSelector"]["labels"] == {"gpu": "h200"}
+        (shm,) = k8s[f"exec-{name}"]["emptyDirMounts"]
+        assert shm["mountPath"] == "/dev/shm" and shm["medium"] == "Memory"
+    for name in ("exec-prepare", "exec-evaluate", "exec-register"):
+        assert "accelerator" not in specs[name]["container"]["resources"], name
+
+
+def test_two_commits_give_two_image_tags(tmp_path):
+    """The image is tagged with the commit, so KFP's cache (image + arguments) cannot serve old code."""
+    repo = tmp_path / "repo"
+    for path in ("pipeline.py", "params.yaml", "components", "infra/image.sh"):
+        target = repo / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        copy = ["cp", "-r"] if (ROOT / path).is_dir() else ["cp"]
+        subprocess.run([*copy, str(ROOT / path), str(target)], check=True)
+    git = ["git", "-C", str(repo), "-c", "user.email=t@localhost", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    tags = []
+    for message in ("one", "two"):
+        subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", message], check=True)
+        out = tmp_path / f"{message}.yaml"
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.pop("MOFE_IMAGE", None)
+        subprocess.run([sys.executable, "pipeline.py", "compile", "--out", str(out)], cwd=repo, env=env,
+                       check=True, capture_output=True)
+        images = {e["container"]["image"] for e in yaml.safe_load_all(out.read_text()).__next__()
+                  ["deploymentSpec"]["executors"].values()}
+        (image,) = images
+        sha = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout
+        assert image == f"mofe-ood:{sha.strip()}"
+        tags.append(image)
+    assert tags[0] != tags[1]
 
 
 def test_ir_caches_and_retries_where_it_is_safe(ir):
     _, spec, _, _ = ir
     tasks = dict(spec["root"]["dag"]["tasks"])
-    for group in spec["components"].values():
-        tasks.update(group.get("dag", {}).get("tasks", {}))
     cached = {name for name, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
-    assert {"prepare", "extract", "merge-features"} <= cached
-    assert not cached & {"train", "evaluate", "register"}
+    assert cached == {"prepare", "extract"}
     # Every step rewrites its own outputs (register: same content = same version): retry all.
-    assert all("retryPolicy" in t for name, t in tasks.items() if not name.startswith("for-loop"))
+    assert all("retryPolicy" in t for t in tasks.values())
 
 
 def test_ir_names_secrets_but_holds_no_secret_value(ir):
     text, spec, platform, _ = ir
     assert FAKE_SECRET not in text
-    # register talks to MLflow and S3: credentials from infra/k8s's Secret, endpoints from its
-    # ConfigMap, by name only.
-    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert [name for name, e in executors.items() if "secretAsEnv" in e] == ["exec-register"]
-    assert executors["exec-train"]["tolerations"][0]["key"] == "nvidia.com/gpu"
-    (secret,) = executors["exec-register"]["secretAsEnv"]
+    # prepare reads raw data from S3, register talks to MLflow and S3: credentials from
+    # infra/k8s's Secret, endpoints from its ConfigMap, by name only.
+    _, k8s = executors(spec, platform)
+    assert sorted(name for name, e in k8s.items() if "secretAsEnv" in e) == ["exec-prepare", "exec-register"]
+    (secret,) = k8s["exec-register"]["secretAsEnv"]
     assert secret["secretName"] == "mofe-ood-s3"
     assert {m["envVar"] for m in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-    (config,) = executors["exec-register"]["configMapAsEnv"]
+    (config,) = k8s["exec-register"]["configMapAsEnv"]
     assert config["configMapName"] == "mofe-ood-storage"
     assert {"MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL"} <= {m["envVar"] for m in config["keyToEnv"]}
     for executor in spec["deploymentSpec"]["executors"].values():
         assert not {e["name"] for e in executor["container"].get("env", [])} & {"AWS_SECRET_ACCESS_KEY"}
+
+
+def test_ir_mounts_the_data_pvc_where_images_are_read(tmp_path_factory):
+    _, spec, platform, _ = compiled(tmp_path_factory, "kfp.data_pvc=imagenet", "kfp.data_mount=/mnt/in")
+    _, k8s = executors(spec, platform)
+    mounted = {name for name, e in k8s.items() for m in e.get("pvcMount", [])
+               if m.get("constant") == "imagenet" or m.get("pvcNameParameter", {}).get("runtimeValue", {})
+               .get("constant") == "imagenet"}
+    assert mounted == {"exec-prepare", "exec-extract", "exec-train"}
+
+
+def test_register_gets_the_kfp_run_id_and_image(ir):
+    _, spec, _, _ = ir
+    inputs = spec["root"]["dag"]["tasks"]["register"]["inputs"]["parameters"]
+    assert inputs["kfp_run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    assert inputs["image"]["runtimeValue"]["constant"] == IMAGE
 
 
 def test_components_take_the_params_sections_dvc_yaml_lists(ir):
@@ -175,7 +265,7 @@ def test_local_run_shards_extraction_and_matches_unsharded_extract(local_run, tm
     params, run, _, stdout = local_run
     features = run / "merge-features" / "features"
     assert str(features) in stdout  # the CLI says where the artifacts landed
-    shards = sorted(run.glob("for-loop-*/extract/features"))
+    shards = sorted(run.glob("for-loop-*/extract-shard/features"))
     assert len(shards) == 2
     extract.run(params, run / "prepare" / "prepared", tmp_path / "unsharded")
     info = json.loads((tmp_path / "unsharded" / "info.json").read_text())
@@ -264,9 +354,11 @@ def test_local_run_registers_the_model(local_run):
 
 
 class StubKFP(BaseHTTPRequestHandler):
-    """The few KFP v2beta1 API calls `kfp.Client` makes to start a run."""
+    """The KFP v2beta1 API calls `kfp.Client` makes to upload a pipeline version and start a run."""
 
     requests: list = []
+    version = "2.14.3"  # what healthz says (tag_name)
+    versions: list = []  # pipeline versions uploaded so far
 
     def _reply(self, body: dict, status: int = 200):
         data = json.dumps(body).encode()
@@ -278,19 +370,38 @@ class StubKFP(BaseHTTPRequestHandler):
 
     def do_GET(self):
         self.requests.append(("GET", self.path, None))
-        if self.path.startswith("/apis/v2beta1/healthz"):
-            return self._reply({"multi_user": False})
+        if self.path.startswith(("/apis/v2beta1/healthz", "/apis/v1beta1/healthz")):
+            return self._reply({"multi_user": False, "tag_name": self.version})
         if self.path.startswith("/apis/v2beta1/experiments"):
             return self._reply({"experiments": [], "total_size": 0})
+        if self.path.startswith("/apis/v2beta1/pipelines/pipe-1/versions"):
+            return self._reply({"pipeline_versions": self.versions, "total_size": len(self.versions)})
+        if self.path.startswith("/apis/v2beta1/pipelines"):
+            found = [{"pipeline_id": "pipe-1", "display_name": "mofe-ood"}] if self.versions else []
+            return self._reply({"pipelines": found, "total_size": len(found)})
         self._reply({"error": "not found"}, 404)
 
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
-        self.requests.append(("POST", self.path, body))
+        raw = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.headers.get("Content-Type", "").startswith("multipart"):  # an uploaded pipeline file
+            body = {"yaml": raw.decode(errors="replace")}
+        else:
+            body = json.loads(raw or b"{}")
+        self.requests.append(("POST", self.path.split("?")[0], body))
         if self.path == "/apis/v2beta1/experiments":
             return self._reply({"experiment_id": "exp-1", "display_name": body["display_name"]})
+        if self.path.startswith("/apis/v2beta1/pipelines/upload_version"):
+            name = self.path.split("name=")[1].split("&")[0]
+            version = {"pipeline_id": "pipe-1", "pipeline_version_id": f"ver-{len(self.versions) + 1}",
+                       "display_name": name}
+            self.versions.append(version)
+            return self._reply(version)
+        if self.path.startswith("/apis/v2beta1/pipelines/upload"):
+            self.versions.append({"pipeline_id": "pipe-1", "pipeline_version_id": "ver-0",
+                                  "display_name": "mofe-ood"})
+            return self._reply({"pipeline_id": "pipe-1", "display_name": "mofe-ood"})
         if self.path == "/apis/v2beta1/runs":
-            return self._reply({"run_id": "run-1", "experiment_id": body["experiment_id"],
+            return self._reply({"run_id": f"run-{len(self.requests)}", "experiment_id": body["experiment_id"],
                                 "display_name": body["display_name"], "state": "PENDING"})
         self._reply({"error": "not found"}, 404)
 
@@ -311,19 +422,43 @@ def stub_kfp():
     server.server_close()
 
 
-def test_submit_sends_the_pipeline_and_its_arguments(stub_kfp, tmp_path):
+def test_submit_uploads_a_version_named_by_the_commit_and_runs_it(stub_kfp, tmp_path):
     host, requests = stub_kfp
-    done = pipeline_py("submit", "--host", host, "--experiment", "mofe-test",
-                       "--set", "base.seed=7", "--set", "extract.shards=4",
-                       env={"HOME": str(tmp_path)}, timeout=120)
-    assert done.stdout.strip().splitlines()[-1] == "run-1"
-    posts = {path: body for method, path, body in requests if method == "POST"}
-    assert posts["/apis/v2beta1/experiments"]["display_name"] == "mofe-test"
-    run = posts["/apis/v2beta1/runs"]
-    assert run["experiment_id"] == "exp-1"
-    assert run["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "mofe-ood"
-    assert "kubernetes" in run["pipeline_spec"]["platform_spec"]["platforms"]
-    arguments = {k: json.loads(v) for k, v in run["runtime_config"]["parameters"].items()}
-    assert arguments["base"] == {"seed": 7} and arguments["extract"]["shards"] == 4
-    assert arguments["prepare"] == load(ROOT / "params.yaml")["prepare"]
+    StubKFP.versions = []
+    for _ in range(2):  # the same commit twice: one pipeline version, two runs of it
+        done = pipeline_py("submit", "--host", host, "--experiment", "mofe-test",
+                           "--set", "base.seed=7", "--set", "extract.shards=4",
+                           env={"HOME": str(tmp_path)}, timeout=120)
+        assert done.stdout.strip().splitlines()[-1].startswith("run-")
+    posts = [(path, body) for method, path, body in requests if method == "POST"]
+    uploads = [body["yaml"] for path, body in posts if path == "/apis/v2beta1/pipelines/upload_version"]
+    assert len(uploads) == 1 and IMAGE in uploads[0] and FAKE_SECRET not in uploads[0]
+    version = StubKFP.versions[-1]
+    assert version["display_name"] == "mofe-ood-" + IMAGE.rsplit(":", 1)[1]
+    runs = [body for path, body in posts if path == "/apis/v2beta1/runs"]
+    assert len(runs) == 2
+    for run in runs:
+        assert run["experiment_id"] == "exp-1"
+        assert run["pipeline_version_reference"] == {"pipeline_id": "pipe-1",
+                                                     "pipeline_version_id": version["pipeline_version_id"]}
+        arguments = run["runtime_config"]["parameters"]
+        assert json.loads(arguments["base"]) == {"seed": 7} and json.loads(arguments["extract"])["shards"] == 4
+        assert arguments["train_gpus"] == 0
+        assert json.loads(arguments["prepare"]) == {**load(ROOT / "params.yaml")["prepare"],
+                                                    "fashion_mnist_dir": "s3://mofe-ood/raw/fashion-mnist"}
     assert FAKE_SECRET not in json.dumps(requests)
+
+
+def test_submit_of_shards_refuses_a_too_old_server_before_uploading(stub_kfp, tmp_path):
+    host, requests = stub_kfp
+    StubKFP.version = "2.3.0"
+    try:
+        done = subprocess.run([sys.executable, "pipeline.py", "submit", "--host", host,
+                               "--set", "extract.shards=4"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "MOFE_IMAGE": IMAGE, "HOME": str(tmp_path)})
+    finally:
+        StubKFP.version = "2.14.3"
+    assert done.returncode == 2
+    assert "backend >= 2.5.0" in done.stderr and "runs 2.3.0" in done.stderr
+    assert "extract.shards: 1" in done.stderr
+    assert not [r for r in requests if r[0] == "POST"]

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mofe_ood.storage import StorageError, check_s3, s3_settings
@@ -244,3 +245,80 @@ def test_mlflow_artifacts_land_in_the_bucket(seaweedfs, tmp_path):
     assert key in seaweedfs.keys("mlflow-test/")
     body = seaweedfs.client().get_object(Bucket=seaweedfs.bucket, Key=key)["Body"].read()
     assert body == report.read_bytes()
+
+
+# --- s3:// raw data for `prepare` (what a container step reads instead of a host folder) -----
+
+
+def test_download_names_bucket_and_key_when_nothing_is_there(s3_env, tmp_path):
+    from mofe_ood.storage import StorageError, download
+
+    with pytest.raises(StorageError, match=r"no object s3://mofe-ood-test/raw/none \(bucket 'mofe-ood-test', key 'raw/none'\)"):
+        download(f"s3://{s3_env.bucket}/raw/none", tmp_path / "a", "prepare.fashion_mnist_dir")
+    with pytest.raises(StorageError, match=r"bucket 'no-such-bucket' does not exist .*key 'x'"):
+        download("s3://no-such-bucket/x", tmp_path / "b")
+    with pytest.raises(StorageError, match="not an s3:// URI"):
+        download("/local/path", tmp_path / "c")
+    assert not (tmp_path / "a").exists()
+
+
+def test_upload_then_download_a_folder_keeps_its_layout(s3_env, tmp_path):
+    from mofe_ood.storage import download, upload
+
+    write_files(tmp_path / "src", 5, 100)
+    keys = upload(tmp_path / "src", f"s3://{s3_env.bucket}/t/folder")
+    assert len(keys) == 5
+    download(f"s3://{s3_env.bucket}/t/folder", tmp_path / "dst")
+    assert files_under(tmp_path / "dst") == files_under(tmp_path / "src")
+    one = keys[0].split("/", 3)[3]
+    download(f"s3://{s3_env.bucket}/{one}", tmp_path / "single")  # one object, not a prefix
+    assert len(files_under(tmp_path / "single")) == 1
+
+
+def test_prepare_reads_fashion_mnist_and_image_folders_from_s3(s3_env, tmp_path):
+    """The same splits as from the host's folders; image folders travel inside the output."""
+    from PIL import Image
+
+    from mofe_ood import extract, prepare
+    from mofe_ood.params import load, merged
+    from mofe_ood.storage import upload
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        for split, n in (("train", 6), ("test", 2)):
+            folder = tmp_path / "ds" / split / c
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    fashion = os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
+    bucket = s3_env.bucket
+    upload(fashion, f"s3://{bucket}/raw/fashion-mnist")
+    upload(tmp_path / "ds", f"s3://{bucket}/raw/ds")
+    small = {"id": {"train_per_class": 10, "val_per_class": 5, "test_per_class": 5},
+             "ood": {"fmnist_near": {"count": 20}, "textures": {"count": 3, "crop_size": 32}}}
+    local = merged(load(ROOT / "params.yaml"), {
+        "base": {"seed": 3}, "prepare": {**small, "fashion_mnist_dir": fashion},
+        "evaluate": {"extra_ood": {"folder": {"path": str(tmp_path / "ds" / "test"), "group": "far"}}}})
+    remote = merged(local, {"prepare": {"fashion_mnist_dir": f"s3://{bucket}/raw/fashion-mnist"},
+                            "evaluate": {"extra_ood": {"folder": {"path": f"s3://{bucket}/raw/ds/test"}}}})
+    host = prepare.run(local, tmp_path / "host")
+    got = prepare.run(remote, tmp_path / "s3")
+    for name in ("train", "val", "test", "fmnist_near", "textures"):
+        assert got["splits"][name]["sha256"] == host["splits"][name]["sha256"], name
+    # The folder's files are copied into the output and named relative to it ...
+    with np.load(tmp_path / "s3" / "folder.npz") as f:
+        assert [p.split("/", 2)[:2] for p in f["paths"]] == [["files", "ood.folder"]] * 4
+    # ... so the output can move (another container, another mount point) and still be read.
+    (tmp_path / "s3").rename(tmp_path / "moved")
+    images = prepare.load_split(tmp_path / "moved", "folder")
+    assert all(Path(p).is_file() for p in images.paths)
+    batch = extract.image_batch(images, 0, 4, extract.Preprocess(32, (0.5,) * 3, (0.5,) * 3))
+    assert tuple(batch.shape) == (4, 3, 32, 32)
+    # An ImageFolder ID source from S3 too.
+    id_remote = merged(remote, {"prepare": {"id": {"source": "imagefolder", "root": f"s3://{bucket}/raw/ds",
+                                                   "classes": None, "train_per_class": None,
+                                                   "val_per_class": 2, "test_per_class": None},
+                                            "ood": {}}, "evaluate": {"extra_ood": {}}})
+    manifest = prepare.run(id_remote, tmp_path / "id")
+    assert manifest["classes"] == ["a", "b"] and manifest["splits"]["train"]["count"] == 8
+    assert manifest["splits"]["test"]["count"] == 4
