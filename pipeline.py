@@ -4,8 +4,11 @@
     python pipeline.py run [--runner docker] [--image IMAGE]      # the whole pipeline here
     python pipeline.py submit --host URL [--experiment NAME]     # a run on a KFP endpoint
 
-    prepare -> extract -> train -> evaluate -> register           (extract.shards: 1, any KFP 2.x)
-    prepare -> extract x N (ParallelFor) -> merge_features -> ...  (extract.shards: N > 1)
+    validate -> prepare -> extract -> train -> evaluate -> register           (extract.shards: 1, any KFP 2.x)
+    validate -> prepare -> extract x N (ParallelFor) -> merge_features -> ...  (extract.shards: N > 1)
+
+`validate` checks every section at once (mofe validate) and fails the run in seconds;
+compile, run and submit run the same check here first.
 
 Each params.yaml section (base, prepare, ...) is one pipeline parameter, the
 section as JSON text, its default the file's value; `--set` changes the values
@@ -44,6 +47,7 @@ from components.extract import extract_shard, merge_features, shard_indices
 from components.prepare import prepare as prepare_benchmark
 from components.register import register as register_models
 from components.train import train as train_variants
+from components.validate import validate as validate_params
 from mofe_ood.cli import parse_set
 from mofe_ood.params import ParamError, check_number, load, merged
 
@@ -59,7 +63,6 @@ COLLECTED_MIN_BACKEND = (2, 5, 0)
 # The Secret and ConfigMap are infra/k8s's (and must exist in the namespace the runs use).
 CLUSTER_DEFAULTS = {"image": DEFAULT_IMAGE, "pipeline_root": "s3://mofe-ood/kfp",
                     "secret": "mofe-ood-s3", "config_map": "mofe-ood-storage",
-                    "fashion_mnist": "s3://mofe-ood/raw/fashion-mnist",
                     "gpu_type": "nvidia.com/gpu", "gpu_node_selector": {},
                     "gpu_tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
                                          "effect": "NoSchedule"}],
@@ -84,6 +87,7 @@ class Pod:
 
 
 PODS = {
+    "validate": Pod(0.5, "2Gi", retries=0),  # a bad param stays bad on a retry
     "prepare": Pod(2, "8Gi", cache=True, storage=True, data=True),  # raw data from S3 or the PVC
     "shard-indices": Pod(0.1, "256Mi", cache=True),
     "extract": Pod(4, "16Gi", cache=True, data=True),  # + extract.gpus GPUs
@@ -115,7 +119,6 @@ def cluster_settings(params: dict, image: str | None = None) -> dict:
     env = {"image": "MOFE_IMAGE", "pipeline_root": "MOFE_PIPELINE_ROOT"}
     settings.update({key: os.environ[var] for key, var in env.items() if os.environ.get(var)})
     settings["image"] = with_tag(image or settings["image"])
-    settings["gpus"] = gpus(params)
     check_number("kfp.train_timeout", settings["train_timeout"], low=1, integer=True)
     if not isinstance(settings["gpu_node_selector"], dict):
         raise ParamError(f"kfp.gpu_node_selector: {settings['gpu_node_selector']!r} must be a mapping")
@@ -184,6 +187,9 @@ def build(params: dict, until: str = "register", runner: str = "cluster", image:
     lost node to retry, and the pods' thread counts would oversubscribe this machine) or
     docker (in_docker's settings).
     """
+    from mofe_ood import validate
+
+    validate.run(params)  # a bad param fails here, before anything is compiled or run
     defaults = arguments(params, runner)
     settings = cluster_settings(params, image) if runner != "subprocess" else {}
     sharded = int(json.loads(defaults["extract"]).get("shards", 1)) > 1
@@ -203,7 +209,12 @@ def build(params: dict, until: str = "register", runner: str = "cluster", image:
                  evaluate: str = defaults["evaluate"], register: str = defaults["register"],
                  finetune: str = defaults["finetune"], extract_gpus: int = defaults["extract_gpus"],
                  train_gpus: int = defaults["train_gpus"]):
-        prepared = pod(prepare_benchmark(base=base, prepare=prepare, evaluate=evaluate)).outputs["prepared"]
+        checked = pod(validate_params(base=base, prepare=prepare, extract=extract, train=train,
+                                      finetune=finetune, evaluate=evaluate, register=register,
+                                      extract_gpus=extract_gpus, train_gpus=train_gpus,
+                                      reference=json.dumps(params, sort_keys=True)))
+        prepared = pod(prepare_benchmark(base=base, prepare=prepare, evaluate=evaluate).after(checked))
+        prepared = prepared.outputs["prepared"]
         if sharded:  # fan-out / fan-in: needs a backend with dsl.Collected (COLLECTED_MIN_BACKEND)
             shards = pod(shard_indices(extract=extract))
             with dsl.ParallelFor(shards.output) as shard:
@@ -223,7 +234,8 @@ def build(params: dict, until: str = "register", runner: str = "cluster", image:
             models = trained.outputs["models"]
         if "evaluate" in stages:
             reports = pod(evaluate_variants(base=base, train=train, finetune=finetune, evaluate=evaluate,
-                                            features=features, models=models)).outputs["reports"]
+                                            register=register, features=features,
+                                            models=models)).outputs["reports"]
         if "register" in stages:
             pod(register_models(base=base, prepare=prepare, extract=extract, train=train, finetune=finetune,
                                 evaluate=evaluate, register=register, features=features,
@@ -444,24 +456,23 @@ def main(argv: list[str] | None = None) -> int:
         params = merged(load(args.params), parse_set(args.set))
     except ParamError as err:
         parser.error(str(err))
-    if args.command == "compile":
-        print(compile_ir(params, args.out, image=args.image))
-    elif args.command == "run":
-        try:
+    if args.command == "submit" and not args.host:
+        parser.error("submit: --host (or $KF_PIPELINES_ENDPOINT) is required")
+    try:
+        if args.command == "compile":
+            print(compile_ir(params, args.out, image=args.image))
+        elif args.command == "run":
             outputs = run_locally(params, args.root, args.until, args.runner, args.image)
-        except RuntimeError as err:  # a failed step: its log is above
-            print(f"pipeline.py run: error: {re.sub(ANSI, '', str(err))}", file=sys.stderr)
-            return 1
-        print(json.dumps({name: str(path) for name, path in outputs.items()}, indent=2))
-    else:
-        if not args.host:
-            parser.error("submit: --host (or $KF_PIPELINES_ENDPOINT) is required")
-        try:
+            print(json.dumps({name: str(path) for name, path in outputs.items()}, indent=2))
+        else:
             print(submit(params, args.host, args.experiment, args.run_name, args.namespace, args.image,
                          version_check=not args.no_version_check))
-        except ParamError as err:
-            print(f"pipeline.py submit: error: {err}", file=sys.stderr)
-            return 2
+    except ParamError as err:  # bad input: params, image tag, server version
+        print(f"pipeline.py {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # a failed step (its log is above) or no container API / image
+        print(f"pipeline.py {args.command}: error: {re.sub(ANSI, '', str(err))}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,15 +1,32 @@
 """Component `evaluate`: every variant x score x OOD set (mofe_ood.evaluate.run)."""
 
-from kfp.dsl import Dataset, Input, Metrics, Model, Output
+from kfp.dsl import ClassificationMetrics, Dataset, HTML, Input, Markdown, Metrics, Model, Output
 
-from components import component, log_metrics, sections
+from components import component, sections
 
 
 @component
-def evaluate(base: str, train: str, finetune: str, evaluate: str, features: Input[Dataset],
-             models: Input[Model], reports: Output[Dataset], metrics: Output[Metrics]):
-    """Write the reports folder (metrics.json, scores, plots); the metrics also to the KFP UI."""
+def evaluate(base: str, train: str, finetune: str, evaluate: str, register: str, features: Input[Dataset],
+             models: Input[Model], reports: Output[Dataset], metrics: Output[Metrics],
+             results: Output[Markdown], roc: Output[ClassificationMetrics], plots: Output[HTML]):
+    """Write the reports folder (metrics.json, scores, plots), and what the KFP UI renders:
+    the headline numbers (the variant `register.variant` at its default score and the best
+    other variant/score), results.md, that variant's ROC curve and every plot."""
     from mofe_ood import evaluate as stage
 
-    params = sections(base=base, train=train, finetune=finetune, evaluate=evaluate)
-    log_metrics(metrics, stage.run(params, features.path, models.path, reports.path))
+    params = sections(base=base, train=train, finetune=finetune, evaluate=evaluate, register=register)
+    all_metrics = stage.run(params, features.path, models.path, reports.path)
+    import json
+    from pathlib import Path
+
+    variant = params["register"].get("variant") or next(iter(all_metrics))
+    thresholds = json.loads((Path(reports.path) / "thresholds.json").read_text())
+    for name, value in stage.headline(all_metrics, thresholds, variant).items():
+        if isinstance(value, str):
+            metrics.metadata[name] = value
+        else:
+            metrics.log_metric(name, float(value))
+    Path(results.path).write_text((Path(reports.path) / "results.md").read_text())
+    curve = stage.pooled_roc(reports.path, variant)
+    roc.log_roc_curve(curve["fpr"], curve["tpr"], curve["threshold"])
+    Path(plots.path).write_text(stage.plots_html(reports.path))

@@ -22,4 +22,7 @@ def register(base: str, prepare: str, extract: str, train: str, finetune: str, e
                "models_uri": models.uri, "reports_uri": reports.uri}
     result = stage.run(params, models.path, reports.path, features.path, out=registration.path,
                        lineage=lineage)
-    registration.metadata.update({k: result.get(k) for k in ("model_name", "version", "alias")})
+    registration.metadata.update({k: result.get(k) for k in ("model_name", "version", "alias", "reason",
+                                                             "run_id", "tracking_uri")})
+    registration.metadata["model_uri"] = f"models:/{result['model_name']}/{result['version']}"
+    registration.metadata["decision"] = result.get("alias")

@@ -27,6 +27,7 @@ STAGES = {
 USER_COMMANDS = {
     "score": "classify images and flag OOD ones (one JSON line per image, or CSV with --out)",
     "promote": "move the registry's `champion` alias to a model version (same gate as register)",
+    "validate": "check every params section at once, naming every bad key (the Kubeflow run's first step)",
     "push-raw": "copy raw data to S3 for container steps (default: Fashion-MNIST's files to "
                 "s3://$S3_BUCKET/raw/fashion-mnist)",
 }
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = params_mod.merged(load_params(args.params, args.command), parse_set(args.set))
         if args.command in USER_COMMANDS:
-            return {"score": score, "promote": promote, "push-raw": push_raw}[args.command](args, params)
+            return {"score": score, "promote": promote, "push-raw": push_raw,
+                    "validate": validate}[args.command](args, params)
         module = importlib.import_module(STAGES[args.command][0])
         result = module.run(params)
     except (params_mod.ParamError, FileNotFoundError, ConnectionError, ValueError) as err:
@@ -108,7 +110,7 @@ def add_user_commands(commands) -> None:
             sub.add_argument("--src", help="a file or folder (default: Fashion-MNIST's folder, "
                                            "prepare.fashion_mnist_dir or $FASHION_MNIST_DIR)")
             sub.add_argument("--to", help="s3://BUCKET/PREFIX (default: s3://$S3_BUCKET/raw/fashion-mnist)")
-        else:
+        elif name == "promote":
             sub.add_argument("--version", required=True, type=int, help="model version to promote")
             sub.add_argument("--force", action="store_true", help="promote even if the gate says no")
 
@@ -159,6 +161,13 @@ def score(args, params: dict) -> int:
         print(f"mofe score: {seconds:.2f} s, {scored / max(seconds, 1e-9):.1f} images/s "
               f"(model loaded in {loaded - started:.1f} s)", file=sys.stderr)
     return 0 if scored else 1
+
+
+def validate(args, params: dict) -> int:
+    from mofe_ood import validate as check
+
+    print(json.dumps(check.run(params)))
+    return 0
 
 
 def push_raw(args, params: dict) -> int:

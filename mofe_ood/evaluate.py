@@ -174,6 +174,56 @@ def run(params: dict, features_dir: str | Path = "data/features", models_dir: st
 
 # ---------------------------------------------------------------- report
 
+def headline(all_metrics: dict, thresholds: dict, variant: str) -> dict[str, float]:
+    """What a dashboard shows: `variant` at its default score, and the best other (variant,
+    score) by near AUROC, each as near/far AUROC and FPR95 and ID accuracy (flat keys)."""
+    def numbers(v: str, score: str) -> dict[str, float]:
+        m = all_metrics[v][score]
+        out = {f"{g}_{k}": m[g][k] for g in ("near", "far") for k in ("auroc", "fpr95") if g in m}
+        if all_metrics[v].get("id_accuracy") is not None:
+            out["id_accuracy"] = all_metrics[v]["id_accuracy"]
+        return out
+
+    if variant not in thresholds:
+        raise ValueError(f"{variant!r} was not evaluated (evaluated: {', '.join(thresholds)})")
+    out = {f"{variant}/{k}": v for k, v in numbers(variant, thresholds[variant]["score"]).items()}
+    others = [(v, s) for v, entry in all_metrics.items() if v != variant
+              for s, m in entry.items() if s != "id_accuracy" and "near" in m]
+    if others:
+        v, s = max(others, key=lambda vs: all_metrics[vs[0]][vs[1]]["near"]["auroc"])
+        out.update({f"best_baseline/{k}": x for k, x in numbers(v, s).items()})
+        out["best_baseline/name"] = f"{v}/{s}"
+    return out
+
+
+def pooled_roc(reports_dir: str | Path, variant: str) -> dict[str, list[float]]:
+    """ROC of `variant`'s default score, ID test against every OOD set pooled (ID positive)."""
+    reports_dir = Path(reports_dir)
+    score = json.loads((reports_dir / "thresholds.json").read_text())[variant]["score"]
+    with np.load(reports_dir / "scores" / f"{variant}__{score}.npz") as f:
+        values = dict(f)
+    ood = np.concatenate([v for name, v in values.items() if name not in ID_SPLITS])
+    both = np.concatenate([values["test"], ood])
+    cuts = np.unique(np.quantile(both, np.linspace(0, 1, 101)))[::-1]
+    return {"fpr": [float((ood >= t).mean()) for t in cuts],
+            "tpr": [float((values["test"] >= t).mean()) for t in cuts],
+            "threshold": [float(t) for t in cuts]}
+
+
+def plots_html(reports_dir: str | Path) -> str:
+    """results.md's table and every plot in one self-contained page (images inline)."""
+    import base64
+    import html
+
+    reports_dir = Path(reports_dir)
+    parts = ["<html><head><meta charset='utf-8'><title>MoFE OOD evaluation</title></head><body>",
+             f"<pre>{html.escape((reports_dir / 'results.md').read_text())}</pre>"]
+    for png in sorted((reports_dir / "plots").glob("*.png")):
+        data = base64.b64encode(png.read_bytes()).decode()
+        parts.append(f"<h3>{html.escape(png.stem)}</h3><img src='data:image/png;base64,{data}'/>")
+    return "\n".join(parts + ["</body></html>"])
+
+
 def results_table(all_metrics: dict, info: dict) -> str:
     """Markdown: variants x scores, near/far AUROC and FPR95 (%), ID accuracy; best per column in bold."""
     rows = []

@@ -274,18 +274,26 @@ def id_splits(spec: dict, ctx: Context) -> tuple[dict[str, Images], list[str]]:
     else:
         train, test = torchvision_set(ctx, source, True), torchvision_set(ctx, source, False)
     names = train.class_names
-    classes = spec.get("classes")
-    classes = list(range(len(names))) if classes is None else list(classes)
-    for c in classes:
-        check_number("prepare.id.classes", c, low=0, high=len(names) - 1, integer=True)
-    if len(set(classes)) < 2 or len(set(classes)) != len(classes):
-        raise ParamError(f"prepare.id.classes: {classes} must hold at least 2 distinct classes")
+    classes = check_classes(spec.get("classes"), len(names)) or list(range(len(names)))
     rng = np.random.default_rng(ctx.seed)
     val, train = _per_class(train, classes, [take["val_per_class"], take["train_per_class"]], rng)
     (test,) = _per_class(test, classes, [take["test_per_class"]], rng)
     splits = {name: _relabel(part, classes) for name, part in
               (("train", train), ("val", val), ("test", test))}
     return splits, [names[c] for c in classes]
+
+
+def check_classes(classes, count: int | None = None) -> list[int] | None:
+    """prepare.id.classes: null (all), or at least 2 distinct class indices below `count`."""
+    if classes is None:
+        return None
+    if not isinstance(classes, list):
+        raise ParamError(f"prepare.id.classes: {classes!r} is not a list of class indices or null")
+    for c in classes:
+        check_number("prepare.id.classes", c, low=0, high=None if count is None else count - 1, integer=True)
+    if len(set(classes)) < 2 or len(set(classes)) != len(classes):
+        raise ParamError(f"prepare.id.classes: {classes} must hold at least 2 distinct classes")
+    return list(classes)
 
 
 def ood_set(name: str, spec: dict, ctx: Context) -> Images:

@@ -15,8 +15,15 @@ leaves the old champion in place. Registering the same content again (same
 bundle, same metrics) reuses its version. `mofe promote` applies the same gate
 to an existing version (or skips it with --force).
 
-Tracking URI: $MLFLOW_TRACKING_URI, default an embedded `sqlite:///mlflow.db`
-in the working directory with artifacts in `mlruns/` beside it.
+Tracking URI: $MLFLOW_TRACKING_URI, default an embedded `sqlite:///mlflow.db` in the
+project root ($DVC_ROOT, which DVC sets for every stage and points at the project even
+when `dvc exp run` works in a temporary copy; else the working directory) with artifacts
+in `mlruns/` beside it.
+
+DVC experiments (ours): a stage run by `dvc exp run` (DVC sets $DVC_EXP_NAME) registers
+its model as `challenger` at best, never `champion`: a parameter sweep must not ship a
+model. The version is tagged with the experiment's name; `mofe promote` is how a person
+ships it.
 """
 
 from __future__ import annotations
@@ -87,7 +94,8 @@ def gate_metric(name: str) -> tuple[str, str]:
 
 def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
-    return uri if uri else f"sqlite:///{Path('mlflow.db').resolve()}"
+    root = Path(os.environ.get("DVC_ROOT") or ".")
+    return uri if uri else f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
 def shown(uri: str) -> str:
@@ -272,6 +280,16 @@ def decide(new: Candidate, champion_version: str | None, champion: Candidate | N
     return Decision(CHAMPION, f"{what}: gain {gain:+.4f} above the margin {p['margin']}", champion_version)
 
 
+def gate(new: Candidate, champion_version: str | None, champion: Candidate | None, p: dict) -> Decision:
+    """`decide`, except that a DVC experiment's model never takes `champion` (see module doc)."""
+    decision = decide(new, champion_version, champion, p)
+    experiment = os.environ.get("DVC_EXP_NAME")
+    if experiment and decision.alias == CHAMPION:
+        return Decision(CHALLENGER, f"DVC experiment {experiment!r} registers as challenger only (the gate "
+                        f"said: {decision.reason}); promote it with `mofe promote`", champion_version)
+    return decision
+
+
 def current_champion(client, name: str) -> tuple[str | None, Candidate | None]:
     from mlflow.exceptions import MlflowException
 
@@ -352,13 +370,13 @@ def _register(client, uri, p, params, new: Candidate, entry, info, bundle: Path,
     champion_version, champion = current_champion(client, name)
     if existing is not None:  # an earlier registration stopped before its alias move: finish it
         decision = (Decision(CHAMPION, "already the champion", champion_version)
-                    if champion_version == str(existing.version) else decide(new, champion_version, champion, p))
+                    if champion_version == str(existing.version) else gate(new, champion_version, champion, p))
         apply(client, name, existing.version, decision, "gate")
         return {**summary, "version": int(existing.version), "alias": decision.alias,
                 "run_id": existing.run_id, "new_version": False, "reason": decision.reason,
                 "previous_champion": champion_version}
 
-    decision = decide(new, champion_version, champion, p)
+    decision = gate(new, champion_version, champion, p)
     experiment_id = _experiment_id(client, p["experiment"], uri)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{new.variant}-{digest[:8]}") as run:
         _log_run(params, entry, info, reports_dir, new, lineage)
@@ -430,6 +448,8 @@ def _version_tags(new: Candidate, entry: dict, info: dict, digest: str, decision
             "gate_value": repr(new.gate_value), "id_accuracy": repr(new.id_accuracy),
             "content_hash": digest, "registration": "pending", "decision": decision.alias,
             "reason": f"gate: {decision.reason}"}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
     for key, value in headline(entry, new.score).items():
         if value is not None:
             tags[key] = f"{value:.6f}"

@@ -17,7 +17,8 @@ Output per variant, `<models_dir>/<variant>/`:
   While phase 2 runs, `val_accuracy` routes each sample by its true group (the
   router is trained last, in phase 3); everywhere else the model predicts as
   it will at test time.
-plus `<models_dir>/metrics.json` (per variant: final val accuracy, seconds).
+plus `<models_dir>/metrics.json` (per variant: final val accuracy, epochs; no timings: DVC
+tracks the folder, and its hash must be the same on every machine. Timings go to the log).
 
 Deterministic: every epoch draws its shuffle, mixup and dropout from
 generators seeded by (base.seed, phase, epoch), so a run resumed from a
@@ -586,6 +587,28 @@ def write_history(path: Path, history: list[dict]) -> None:
         writer.writerows(history)
 
 
+def history_markdown(models_dir: str | Path) -> str:
+    """Every variant's history.csv as one Markdown table each (epoch, phase, loss, val accuracy)."""
+    parts = []
+    for path in sorted(Path(models_dir).glob("*/history.csv")):
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        columns = [c for c in ("epoch", "phase", "loss", "val_accuracy") if rows and c in rows[0]]
+        parts += [f"## {path.parent.name}", "", "| " + " | ".join(columns) + " |",
+                  "|" + "---|" * len(columns)]
+        for row in rows:
+            parts.append("| " + " | ".join(_short(row[c]) for c in columns) + " |")
+        parts.append("")
+    return "\n".join(parts) or "no history.csv under the models folder\n"
+
+
+def _short(text: str) -> str:
+    try:
+        return f"{float(text):.4f}".rstrip("0").rstrip(".")
+    except ValueError:
+        return text
+
+
 def run(params: dict, features_dir: str | Path = "data/features", models_dir: str | Path = "models",
         prepared_dir: str | Path = "data/prepared") -> dict:
     """Train every variant of `train.variants`; `models_dir` is replaced in one move at the end.
@@ -636,8 +659,8 @@ def run(params: dict, features_dir: str | Path = "data/features", models_dir: st
                 seconds = time.perf_counter() - start
                 if world.main:
                     _write_variant(tmp / variant, variant, model, arch, history, p, seed, data, info)
-                summary[variant] = {"val_accuracy": history[-1]["val_accuracy"], "epochs": len(history),
-                                    "seconds": round(seconds, 2)}
+                summary[variant] = {"val_accuracy": history[-1]["val_accuracy"], "epochs": len(history)}
+                log.info("train %s: %.1f s", variant, seconds)
         finally:
             torch.set_num_threads(threads)
     if world.main and finetune_enabled(params):

@@ -18,6 +18,7 @@ BIN = Path(sys.executable).parent
 
 def sh(*cmd, cwd):
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", HF_HUB_OFFLINE="1")
+    env.pop("MLFLOW_TRACKING_URI", None)  # the clone's own embedded registry
     return subprocess.run(cmd, cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
 
 
@@ -54,3 +55,49 @@ def test_a_param_change_reruns_only_what_depends_on_it(clone):
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh("dvc", "repro", cwd=clone)
     assert "Running stage 'extract'" in out and "Running stage 'prepare'" not in out
+
+
+def stage_names(status_json: str) -> set[str]:
+    import json
+
+    return {name.rpartition(":")[2] for name in json.loads(status_json or "{}")}
+
+
+def test_a_code_change_reruns_the_stages_that_import_it_and_a_thread_count_none(clone):
+    sh("dvc", "repro", cwd=clone)
+    assert stage_names(sh("dvc", "status", "--json", cwd=clone)) == set()
+    params_file = clone / "params.yaml"
+    before = params_file.read_text()
+    params = yaml.safe_load(before)
+    params["train"]["num_threads"] = 2  # how to run, not what: nothing re-runs
+    params["train"]["gpus"] = 3
+    params["extract"]["shards"] = 4
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    assert stage_names(sh("dvc", "status", "--json", cwd=clone)) == set()
+    params_file.write_text(before)
+    code = clone / "mofe_ood" / "mofe.py"
+    source = code.read_text()
+    code.write_text(source + "\n# a change\n")
+    try:
+        assert stage_names(sh("dvc", "status", "--json", cwd=clone)) == {"train", "evaluate", "register"}
+    finally:
+        code.write_text(source)
+
+
+def test_an_experiment_registers_a_challenger_and_never_moves_champion(clone):
+    from mlflow import MlflowClient
+
+    sh("dvc", "repro", cwd=clone)
+    client = MlflowClient(f"sqlite:///{clone / 'mlflow.db'}")
+    name = yaml.safe_load((clone / "params.yaml").read_text())["register"]["model_name"]
+    champion = client.get_registered_model(name).aliases["champion"]
+    versions = {v.version for v in client.search_model_versions(f"name = '{name}'")}
+    # --temp: DVC runs the stages in a copy under .dvc/tmp; the registry stays the project's.
+    out = sh("dvc", "exp", "run", "--temp", "-S", "train.epochs=1", cwd=clone)
+    assert "Running stage 'train'" in out
+    aliases = client.get_registered_model(name).aliases
+    assert aliases["champion"] == champion
+    (new,) = [v for v in client.search_model_versions(f"name = '{name}'") if v.version not in versions]
+    assert new.tags["dvc_experiment"] and new.tags["decision"] == "challenger"
+    assert aliases["challenger"] == new.version
+    assert not list((clone / ".dvc" / "tmp").rglob("mlflow.db"))

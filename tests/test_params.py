@@ -48,3 +48,25 @@ def test_an_unknown_variant_to_evaluate_names_the_param():
     params["evaluate"]["variants"].append("mofe_finetune")  # not trained: finetune is off
     with pytest.raises(ParamError, match="evaluate.variants: 'mofe_finetune'"):
         evaluate.check(params, ["frozen", *train.trained_variants(params)])
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_mofe_validate_finds_no_problem_in_the_shipped_params(path):
+    from mofe_ood import validate
+
+    assert validate.problems(load(path)) == []
+
+
+def test_mofe_validate_names_every_bad_key_at_once(capsys):
+    from mofe_ood.cli import main
+
+    code = main(["validate", "--set", "register.variantt=mofe", "--set", "prepare.id.classes=[0]",
+                 "--set", "extract.image_size=8", "--set", "evaluate.tpr=2", "--set", "finetune.device=tpu",
+                 "--set", "prepare.ood.mine={source: imagefolder, group: near, path: /x}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "5 problem(s)" in err
+    for expected in ("prepare.id.classes: [0] must hold at least 2 distinct classes","register.variantt: not a known key (did you mean register.variant?)",
+                     "extract.image_size: 8 must be an integer >= 16", "evaluate.tpr: 2 is above the maximum",
+                     "finetune.device: 'tpu' is not one of 'auto', 'cpu', 'cuda'"):
+        assert expected in err
+    assert "prepare.ood.mine" not in err  # OOD sets are the user's to name

@@ -106,10 +106,21 @@ def test_ir_of_one_shard_is_a_plain_five_step_dag(ir):
     """extract.shards: 1 (the default): no ParallelFor, no Collected: any KFP 2.x backend runs it."""
     text, spec, _, _ = ir
     tasks = spec["root"]["dag"]["tasks"]
-    assert sorted(tasks) == sorted(STAGES)
+    assert sorted(tasks) == sorted(["validate", *STAGES])
     assert "parameterIterator" not in text and "isArtifactList" not in text
-    for before, after in zip(STAGES, STAGES[1:]):
+    chain = ["validate", *STAGES]
+    for before, after in zip(chain, chain[1:]):
         assert before in _upstream(tasks, after), f"{before} must run before {after}"
+
+
+def test_ir_has_what_the_kfp_ui_renders(ir):
+    _, spec, _, _ = ir
+    outputs = lambda name: {k: v["artifactType"]["schemaTitle"]  # noqa: E731
+                            for k, v in spec["components"][f"comp-{name}"]["outputDefinitions"]["artifacts"].items()}
+    assert outputs("evaluate") == {"reports": "system.Dataset", "metrics": "system.Metrics",
+                                   "results": "system.Markdown", "roc": "system.ClassificationMetrics",
+                                   "plots": "system.HTML"}
+    assert outputs("train")["history"] == "system.Markdown"
 
 
 def test_ir_of_shards_fans_out_and_in(tmp_path_factory):
@@ -192,8 +203,9 @@ def test_ir_caches_and_retries_where_it_is_safe(ir):
     tasks = dict(spec["root"]["dag"]["tasks"])
     cached = {name for name, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
     assert cached == {"prepare", "extract"}
-    # Every step rewrites its own outputs (register: same content = same version): retry all.
-    assert all("retryPolicy" in t for t in tasks.values())
+    # Every step rewrites its own outputs (register: same content = same version): retry all
+    # but validate, whose verdict a retry cannot change.
+    assert {name for name, t in tasks.items() if "retryPolicy" not in t} == {"validate"}
 
 
 def test_ir_names_secrets_but_holds_no_secret_value(ir):
@@ -334,11 +346,23 @@ def test_local_run_writes_the_metrics_dvc_repro_writes(local_run, tmp_path_facto
                                              for x in keys(v, f"{prefix}{k}/")}
 
     assert keys(got) == keys(expected)
-    # ... and the KFP UI shows them: the Metrics artifact holds them flattened.
-    logged = json.loads((run / "evaluate" / "executor_output.json").read_text())
-    (metrics,) = logged["artifacts"]["metrics"]["artifacts"]
+    # ... and the KFP UI shows the headline: the registered variant at its default score, and
+    # the best other (variant, score); results.md, the ROC curve and the plots render there too.
+    logged = json.loads((run / "evaluate" / "executor_output.json").read_text())["artifacts"]
+    (metrics,) = logged["metrics"]["artifacts"]
     variant = tiny_pipeline.VARIANT
-    assert metrics["metadata"][f"{variant}/knn/near/auroc"] == got[variant]["knn"]["near"]["auroc"]
+    assert metrics["metadata"][f"{variant}/near_auroc"] == got[variant]["knn"]["near"]["auroc"]
+    assert metrics["metadata"][f"{variant}/id_accuracy"] == got[variant]["id_accuracy"]
+    assert metrics["metadata"]["best_baseline/name"].startswith("frozen/")
+    assert len(metrics["metadata"]) < 20
+    (roc,) = logged["roc"]["artifacts"]
+    curve = roc["metadata"]["confidenceMetrics"]
+    assert curve[0]["falsePositiveRate"] <= curve[-1]["falsePositiveRate"] and len(curve) > 10
+    assert (run / "evaluate" / "results").read_text() == (run / "evaluate" / "reports" / "results.md").read_text()
+    page = (run / "evaluate" / "plots").read_text()
+    assert page.count("data:image/png;base64,") == len(list((run / "evaluate" / "reports" / "plots").glob("*.png")))
+    history = (run / "train" / "history").read_text()
+    assert f"## {variant}" in history and "| epoch | phase | loss | val_accuracy |" in history
 
 
 @pytest.mark.slow
@@ -462,3 +486,27 @@ def test_submit_of_shards_refuses_a_too_old_server_before_uploading(stub_kfp, tm
     assert "backend >= 2.5.0" in done.stderr and "runs 2.3.0" in done.stderr
     assert "extract.shards: 1" in done.stderr
     assert not [r for r in requests if r[0] == "POST"]
+
+
+def test_the_validate_step_names_every_bad_key_of_a_run(tmp_path):
+    """What the first step does with sections edited in the Runs UI (a typo, a bad value)."""
+    from components.validate import validate
+    from mofe_ood.params import ParamError
+
+    import pipeline
+
+    params = load(ROOT / "params.yaml")
+    arguments = pipeline.arguments(params, "cluster")
+    validate.python_func(**{k: arguments[k] for k in ("base", "prepare", "extract", "train", "finetune",
+                                                      "evaluate", "register", "extract_gpus", "train_gpus")},
+                         reference=json.dumps(params))
+    bad = {**arguments, "register": json.dumps({**params["register"], "modle_name": "x"}),
+           "train": json.dumps({**params["train"], "epochs": -1}), "extract_gpus": -2}
+    with pytest.raises(ParamError) as err:
+        validate.python_func(**{k: bad[k] for k in ("base", "prepare", "extract", "train", "finetune",
+                                                    "evaluate", "register", "extract_gpus", "train_gpus")},
+                             reference=json.dumps(params))
+    message = str(err.value)
+    assert "3 problem(s)" in message
+    assert "register.modle_name: not a known key (did you mean register.model_name?)" in message
+    assert "train.epochs: -1 is below the minimum 1" in message and "extract.gpus: -2" in message

@@ -225,6 +225,24 @@ def test_gate_rules():
         register.settings({"register": {"gate_metric": "near.accuracy"}})
 
 
+def test_a_dvc_experiment_never_takes_champion(monkeypatch):
+    p = register.settings({})
+    old = register.Candidate(VARIANT, "knn", "near.auroc", 0.80, 0.95, "b1")
+    better = register.Candidate(**{**vars(old), "gate_value": 0.90})
+    assert register.gate(better, "1", old, p).alias == "champion"
+    monkeypatch.setenv("DVC_EXP_NAME", "sweep-7")
+    decision = register.gate(better, "1", old, p)
+    assert decision.alias == "challenger" and "sweep-7" in decision.reason
+    assert "gain +0.1000" in decision.reason  # what the gate would have said
+    assert register.gate(better, None, None, p).alias == "challenger"  # an empty registry too
+
+
+def test_the_registry_is_the_projects_in_a_dvc_temp_workspace(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "project"))
+    assert register.tracking_uri() == f"sqlite:///{tmp_path / 'project' / 'mlflow.db'}"
+
+
 def test_the_registered_model_serves_images_over_http(registry, project, tmp_path):
     port = free_port()
     env = dict(os.environ, MLFLOW_TRACKING_URI=registry["uri"], HF_HUB_OFFLINE="1",
