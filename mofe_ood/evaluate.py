@@ -8,7 +8,8 @@ Outputs under `reports/` (their layout is part of the interface):
 - `results.md`: the table a person reads first;
 - `thresholds.json`: per variant, its default score's hyper-parameters and the
   decision threshold accepting `tpr` of ID validation samples (for inference);
-- `roc.json` (DVC plot data) and `plots/*.png`: ROC curves and score histograms.
+- `roc/<variant>__<OOD set>.json` (DVC plot data: one file per curve, so `dvc plots show`
+  draws each as its own line) and `plots/*.png`: ROC curves and score histograms.
 Score hyper-parameters (KNN's K, ViM's dim) are chosen on ID data only.
 """
 
@@ -28,7 +29,7 @@ from mofe_ood.params import ParamError, check_choice, check_number
 
 FROZEN = "frozen"
 ID_SPLITS = ("train", "val", "test")
-OUTPUTS = ("metrics.json", "thresholds.json", "roc.json", "results.md", "scores", "plots")  # as dvc.yaml lists them
+OUTPUTS = ("metrics.json", "thresholds.json", "roc", "results.md", "scores", "plots")  # as dvc.yaml lists them
 
 
 @dataclass
@@ -147,17 +148,18 @@ def run(params: dict, features_dir: str | Path = "data/features", models_dir: st
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "scores").mkdir(parents=True)
     (tmp / "plots").mkdir()
-    all_metrics, thresholds, curves = {}, {}, []
+    (tmp / "roc").mkdir()
+    all_metrics, thresholds = {}, {}
     for variant in p["variants"]:
         outputs, head = variant_outputs(variant, features_dir, models_dir, [*ID_SPLITS, *ood_sets])
         entry, calibration = evaluate_variant(variant, outputs, head, ood_sets, params, tmp / "scores")
         all_metrics[variant] = entry
         default = p["default_score"] if p["default_score"] in calibration else next(iter(calibration))
         thresholds[variant] = {"score": default, **calibration[default]}
-        curves += plot_variant(variant, default, tmp / "scores", ood_sets, tmp / "plots")
+        for name, curve in plot_variant(variant, default, tmp / "scores", ood_sets, tmp / "plots").items():
+            (tmp / "roc" / f"{variant}__{name}.json").write_text(json.dumps(curve) + "\n")
     (tmp / "metrics.json").write_text(json.dumps(all_metrics, indent=2) + "\n")
     (tmp / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
-    (tmp / "roc.json").write_text(json.dumps(curves) + "\n")
     (tmp / "results.md").write_text(results_table(all_metrics, info))
     # Replace our outputs only: reports/ also holds the register stage's registration.json.
     reports_dir.mkdir(parents=True, exist_ok=True)
@@ -264,7 +266,8 @@ def roc_points(id_scores: np.ndarray, ood_scores: np.ndarray, points: int = 101)
     return np.r_[0.0, fpr, 1.0], np.r_[0.0, tpr, 1.0]
 
 
-def plot_variant(variant: str, score: str, score_dir: Path, ood_sets: dict, plot_dir: Path) -> list[dict]:
+def plot_variant(variant: str, score: str, score_dir: Path, ood_sets: dict, plot_dir: Path) -> dict[str, list]:
+    """Draw `variant`'s ROC curves and histograms; return each OOD set's ROC points (DVC plot rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -273,15 +276,14 @@ def plot_variant(variant: str, score: str, score_dir: Path, ood_sets: dict, plot
     with np.load(score_dir / f"{variant}__{score}.npz") as f:
         values = dict(f)
     fig, (roc_ax, hist_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
-    curves = []
+    curves = {}
     bins = np.linspace(min(v.min() for v in values.values()), max(v.max() for v in values.values()), 60)
     hist_ax.hist(values["test"], bins=bins, density=True, alpha=0.5, label="ID test")
     for name, group in ood_sets.items():
         fpr, tpr = roc_points(values["test"], values[name])
         roc_ax.plot(fpr, tpr, label=f"{name} ({group})")
         hist_ax.hist(values[name], bins=bins, density=True, histtype="step", label=name)
-        curves += [{"curve": f"{variant}/{name}", "fpr": round(float(a), 5), "tpr": round(float(b), 5)}
-                   for a, b in zip(fpr, tpr)]
+        curves[name] = [{"fpr": round(float(a), 5), "tpr": round(float(b), 5)} for a, b in zip(fpr, tpr)]
     roc_ax.plot([0, 1], [0, 1], color="grey", lw=0.5)
     roc_ax.set(xlabel="FPR (OOD accepted)", ylabel="TPR (ID accepted)", title=f"{variant} / {score}: ROC")
     hist_ax.set(xlabel=f"{score} score (higher = more ID)", ylabel="density", title="score histograms")

@@ -101,3 +101,22 @@ def test_an_experiment_registers_a_challenger_and_never_moves_champion(clone):
     assert new.tags["dvc_experiment"] and new.tags["decision"] == "challenger"
     assert aliases["challenger"] == new.version
     assert not list((clone / ".dvc" / "tmp").rglob("mlflow.db"))
+
+
+def test_dvc_plots_draw_one_roc_curve_per_variant_and_ood_set(clone):
+    import json
+
+    sh("dvc", "repro", cwd=clone)
+    rendered = json.loads(sh("dvc", "plots", "show", "--json", cwd=clone))["data"]
+    roc = {name for name in rendered if name.startswith("reports/roc/")}
+    assert all(name.startswith(("reports/roc/", "models/")) for name in rendered)  # no duplicates
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    sets = {*params["prepare"]["ood"], *params["evaluate"]["extra_ood"]}
+    assert roc == {f"reports/roc/{v}__{s}.json" for v in params["evaluate"]["variants"] for s in sets}
+    for name in roc:  # each plot one curve: fpr from 0 to 1, tpr rising with it
+        (plot,) = rendered[name]
+        values = plot["content"]["data"]["values"]
+        assert values[0]["fpr"] == 0.0 and values[-1]["fpr"] == 1.0
+        assert [p["tpr"] for p in values] == sorted(p["tpr"] for p in values)
+    histories = {name for name in rendered if name.endswith("history.csv")}
+    assert histories == {f"models/{v}/history.csv" for v in params["train"]["variants"]}
