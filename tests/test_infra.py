@@ -123,15 +123,39 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return [tuple(line.split(None, 1)) for line in lines if line and not line.startswith("#")]
 
 
-def test_dockerfile_installs_the_package_on_a_cuda_base_as_non_root():
+def test_dockerfile_installs_pinned_dependencies_apart_from_the_code_as_non_root():
     steps = dockerfile_instructions()
-    assert steps[0][0] == "FROM" and re.match(r"(nvidia/cuda|pytorch/pytorch):", steps[0][1])
-    runs = " ".join(arg for op, arg in steps if op == "RUN")
-    assert re.search(r"pip install [\"']?\.\[pipeline\][\"']?", runs)
+    # The base is a build argument, the CUDA base by default (make image swaps in a local one).
+    assert steps[0][0] == "ARG" and re.match(r"BASE_IMAGE=nvidia/cuda:", steps[0][1])
+    assert steps[1] == ("FROM", "${BASE_IMAGE}")
+    ops = [op for op, _ in steps]
+    runs = [(i, arg) for i, (op, arg) in enumerate(steps) if op == "RUN"]
+    (deps,) = [i for i, arg in runs if re.search(r"pip install -c requirements\.lock \"\.\[pipeline\]\"", arg)]
+    (code,) = [i for i, arg in runs if "--no-deps" in arg and "--no-index" in arg]
+    copies = {arg: i for i, (op, arg) in enumerate(steps) if op == "COPY"}
+    # Dependencies come from pyproject + the lock only; the code is copied after them, so a
+    # code change reuses the dependency layer.
+    assert copies["pyproject.toml requirements.lock README.md ./"] < deps < copies["mofe_ood ./mofe_ood"] < code
+    # The commit: a build argument, a label and the env var the register step reads.
+    assert "ARG" in ops and any(arg.startswith("GIT_COMMIT=") for op, arg in steps if op == "ARG")
+    assert any("org.opencontainers.image.revision=$GIT_COMMIT" in arg for op, arg in steps if op == "LABEL")
+    assert any("MOFE_GIT_COMMIT=$GIT_COMMIT" in arg for op, arg in steps if op == "ENV")
     users = [arg for op, arg in steps if op == "USER"]
     assert users and users[-1].split(":")[0] not in {"root", "0"}
     env = " ".join(arg for op, arg in steps if op == "ENV")
     assert "HF_HUB_OFFLINE" not in env, "the image must not force offline hub access"
+
+
+def test_makefile_and_image_pin_the_same_lock():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "pip install -c requirements.lock" in makefile
+    pins = [line for line in (ROOT / "requirements.lock").read_text().splitlines()
+            if line and not line.startswith("#")]
+    assert all("==" in line for line in pins) and any(line.startswith("torch==") for line in pins)
+
+
+def test_image_script_is_valid_bash():
+    subprocess.run(["bash", "-n", str(ROOT / "infra" / "image.sh")], check=True)
 
 
 def test_dockerignore_keeps_credentials_and_data_out_of_the_build_context():
