@@ -22,6 +22,7 @@ from mofe_ood.inference import Detector, encode_png
 from tests.tiny_pipeline import VARIANT, build, split_images, tiny_params
 
 NAME = "mofe-ood"
+ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
@@ -285,3 +286,54 @@ def test_the_registered_model_serves_images_over_http(registry, project, tmp_pat
         assert row["class"] == want["class"] and row["is_ood"] == want["is_ood"]
         assert row["ood_score"] == pytest.approx(want["ood_score"], abs=1e-5)
         assert len(row["probabilities"]) == len(detector.classes)
+
+
+def chromium(*args: str, timeout: int = 90) -> str:
+    """Headless Chromium (Debian's package): the page after its scripts ran (--dump-dom) or a screenshot."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                           "--hide-scrollbars", "--window-size=1400,1000", "--virtual-time-budget=30000", *args],
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_the_mlflow_ui_shows_the_champion_and_its_run_metrics(registry, tmp_path):
+    """What a user sees: the registered model's page in a real browser against a real server."""
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        if os.environ.get("MOFE_REQUIRE_BROWSER") == "1":
+            pytest.fail("MOFE_REQUIRE_BROWSER=1 but chromium is not installed")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    uri, port = registry["uri"], free_port()
+    log = open(tmp_path / "mlflow.log", "w")
+    server = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
+                               "--port", str(port), "--workers", "1"], stdout=log, stderr=log,
+                              start_new_session=True, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):  # a cold MLflow server takes ~20 s on 2 cores
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("MLflow server did not answer within 120 s: " + (tmp_path / "mlflow.log").read_text()[-2000:])
+        champion = aliases(uri)["champion"]
+        version = client(uri).get_model_version(NAME, champion)
+        run = client(uri).get_run(version.run_id)
+        page = f"{base}/#/models/{NAME}/versions/{champion}"
+        dom = chromium("--dump-dom", page)
+        assert "champion" in dom and f"Version {champion}" in dom
+        run_dom = chromium("--dump-dom", f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
+        for metric in ("near_auroc", "far_fpr95", "id_accuracy"):
+            assert metric in run_dom, metric
+        shot = ROOT / "reports" / "mlflow_model_version.png"
+        shot.parent.mkdir(exist_ok=True)
+        chromium(f"--screenshot={shot}", page)
+        assert shot.stat().st_size > 10_000
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()
