@@ -25,7 +25,8 @@ from tqdm import tqdm
 from mofe_ood.backbones import (Preprocess, create_backbone, for_inference, pooled_features, preprocess_config,
                                 torch_device)
 from mofe_ood.params import check_number
-from mofe_ood.prepare import Images, _load_rgb, load_split
+from mofe_ood.images import load_rgb
+from mofe_ood.prepare import Images, load_split
 
 
 def preprocess(images: np.ndarray | torch.Tensor, prep: Preprocess) -> torch.Tensor:
@@ -51,7 +52,7 @@ def image_batch(images: Images, start: int, stop: int, prep: Preprocess) -> torc
     if images.images is not None:
         return preprocess(images.images[start:stop], prep)
     # Files of any size: resize each while decoding, then normalise as a batch.
-    return preprocess(np.stack([_load_rgb(p, size=prep.image_size) for p in images.paths[start:stop]]), prep)
+    return preprocess(np.stack([load_rgb(p, size=prep.image_size) for p in images.paths[start:stop]]), prep)
 
 
 @torch.inference_mode()

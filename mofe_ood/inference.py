@@ -37,68 +37,10 @@ from tqdm import tqdm
 
 from mofe_ood.backbones import Preprocess, create_backbone, for_inference, pooled_features
 from mofe_ood.extract import preprocess
+from mofe_ood.images import MAX_PIXELS, BadImage, as_image, encode_png, list_images  # noqa: F401 (re-exported)
 
 FORMAT = "mofe-ood-detector/1"
 FROZEN = "frozen"  # evaluate.FROZEN: the backbone alone, no head
-# An image over this many pixels is refused before decoding (24 MP photos pass; bombs do not).
-MAX_PIXELS = 64_000_000
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-
-
-class BadImage(ValueError):
-    """One input image cannot be used; the message says why (shown per file, the batch goes on)."""
-
-
-# ---------------------------------------------------------------- reading images
-
-def read_image(source: str | PathLike | bytes, max_side: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """An image file (or its encoded bytes) as uint8 RGB, exactly as `prepare` stores file images."""
-    from PIL import Image, UnidentifiedImageError
-
-    from mofe_ood.prepare import _load_rgb
-
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        if len(source) == 0:
-            raise BadImage("empty image data (0 bytes)")
-        opener = lambda: io.BytesIO(bytes(source))  # noqa: E731
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise BadImage("no such file" if not path.exists() else "not a regular file")
-        if path.stat().st_size == 0:
-            raise BadImage("empty file (0 bytes)")
-        opener = lambda: path  # noqa: E731
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(opener()) as im:  # reads the header only
-                width, height = im.size
-            if width * height > max_pixels:
-                raise BadImage(f"image too large: {width}x{height} pixels (limit {max_pixels:,})")
-            return _load_rgb(opener(), max_side=max_side)
-    except BadImage:
-        raise
-    except Image.DecompressionBombError as err:
-        raise BadImage(f"image too large: {err}") from None
-    except UnidentifiedImageError:
-        raise BadImage("not an image (unrecognised format)") from None
-    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
-        raise BadImage(f"corrupt image ({type(err).__name__}: {err})") from None
-
-
-def as_image(item: Any, max_side: int) -> np.ndarray:
-    """One input (file path, encoded bytes or uint8 H x W [x C] array) -> uint8 H x W or H x W x 3."""
-    if isinstance(item, np.ndarray):
-        if item.dtype != np.uint8:
-            raise BadImage(f"array images must be uint8, got {item.dtype}")
-        if item.ndim == 3 and item.shape[-1] in (1, 3, 4):
-            item = item[..., 0] if item.shape[-1] == 1 else item[..., :3]
-        if item.ndim not in (2, 3) or min(item.shape[:2]) < 1:
-            raise BadImage(f"array image of shape {item.shape} is not H x W or H x W x 3")
-        return item
-    if isinstance(item, (str, PathLike, bytes, bytearray, memoryview)):
-        return read_image(item, max_side)
-    raise BadImage(f"unsupported input of type {type(item).__name__} (a path, image bytes or a uint8 array)")
 
 
 def to_batch(images: list[np.ndarray], prep: Preprocess) -> torch.Tensor:
@@ -112,18 +54,6 @@ def to_batch(images: list[np.ndarray], prep: Preprocess) -> torch.Tensor:
     for index in groups.values():
         out[index] = preprocess(np.stack([images[i] for i in index]), prep)
     return out.contiguous(memory_format=torch.channels_last)
-
-
-def list_images(paths: Iterable[str | PathLike]) -> list[Path]:
-    """Files named directly, plus image files found recursively in named folders (sorted)."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
-                          and f.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            out.append(p)  # missing or unreadable files are reported per file by predict
-    return out
 
 
 # ---------------------------------------------------------------- predictions
@@ -417,15 +347,6 @@ def images_from_input(model_input: Any) -> Any:
         else:  # pandas fills a missing cell with None or NaN
             out.append(path if isinstance(path, str) and path else b"")
     return out
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """A uint8 H x W or H x W x 3 array as PNG bytes (lossless: decodes to the same pixels)."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def example_images():

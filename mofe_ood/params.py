@@ -8,8 +8,10 @@ from typing import Any, Iterable
 
 import yaml
 
+from mofe_ood.errors import UserError
 
-class ParamError(ValueError):
+
+class ParamError(UserError):
     """A parameter has a value the code cannot use; the message names it."""
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from mofe_ood import storage
+from mofe_ood.images import IMAGE_SUFFIXES, load_rgb, readable
 from mofe_ood.params import ParamError, check_choice, check_number
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,6 @@ ID_SOURCES = ("fashion_mnist", "cifar10", "cifar100", "imagefolder")
 OOD_SOURCES = ("fashion_mnist", "mnist", "textile", "textures", "imagefolder", "cifar10",
                "cifar100", "svhn")
 GROUPS = ("near", "far")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
 
 @dataclass
@@ -191,7 +191,7 @@ def image_folder(ctx: Context, where: str, with_classes: bool, what: str) -> Ima
     entries = [(p, y) for p, y in entries if p.is_file() and not p.name.startswith(".")]
     good, bad = [], []
     for path, label in entries:
-        (good if _readable(path) else bad).append((path, label))
+        (good if readable(path) else bad).append((path, label))
     if bad:
         listed = ", ".join(str(p) for p, _ in bad[:5]) + (" ..." if len(bad) > 5 else "")
         if ctx.bad_images == "fail":
@@ -203,35 +203,6 @@ def image_folder(ctx: Context, where: str, with_classes: bool, what: str) -> Ima
     return Images(np.array([y for _, y in good], np.int64),
                   paths=np.array([str(p.resolve()) for p, _ in good]), class_names=classes,
                   bad_files=len(bad))
-
-
-def _readable(path: Path) -> bool:
-    from PIL import Image
-
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        return False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.verify()
-        return True
-    except Exception:  # PIL raises many types for corrupt, truncated or huge files
-        return False
-
-
-def _load_rgb(path: Path | str, max_side: int | None = None, size: int | None = None) -> np.ndarray:
-    """One image file as uint8 RGB, downscaled so its longer side is max_side, or resized to size."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if size is not None:
-            im = im.resize((size, size), Image.BILINEAR)
-        elif max_side and max(im.size) > max_side:
-            scale = max_side / max(im.size)
-            im = im.resize((round(im.size[0] * scale), round(im.size[1] * scale)), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
 
 
 # ---------------------------------------------------------------- splits
@@ -324,7 +295,7 @@ def ood_set(name: str, spec: dict, ctx: Context) -> Images:
         index = np.random.default_rng(ctx.seed).permutation(len(images))[:count]
         images = images.take(np.sort(index))
     if source == "textile":  # files inside a package: store the pixels, downscaled to max_side
-        images = Images(images.labels, images=np.stack([_load_rgb(p, ctx.max_side) for p in images.paths]))
+        images = Images(images.labels, images=np.stack([load_rgb(p, ctx.max_side) for p in images.paths]))
     if len(images) == 0:
         raise ValueError(f"{what}: the OOD set is empty")
     images.labels = np.full(len(images), -1, np.int64)

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mofe_ood.errors import UserError
 from mofe_ood.params import ParamError, check_number
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIM
                 "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
-class PromotionRefused(ValueError):
+class PromotionRefused(UserError):
     """The gate says no; the message says why."""
 
 

@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from mofe_ood.errors import UserError
+
 DEFAULT_ENDPOINT = "http://127.0.0.1:8333"
 DEFAULT_BUCKET = "mofe-ood"
 DEFAULT_REGION = "us-east-1"
 
 
-class StorageError(ValueError):
+class StorageError(UserError):
     """The object store cannot be used; the message names the endpoint, the bucket and the fix."""
 
 
