@@ -15,7 +15,7 @@ import difflib
 import typing
 from typing import Any, Mapping, TypeVar
 
-from mofe_ood.params import ParamError
+from mofe_ood.params import ParamError, check_number
 
 T = TypeVar("T")
 
@@ -47,3 +47,17 @@ def section(cls: type[T], data: Any, where: str) -> T:
 def as_dict(config: Any) -> dict:
     """A config object back as the plain mapping params.yaml has (for hashing, logging and JSON)."""
     return dataclasses.asdict(config)
+
+
+@dataclasses.dataclass(frozen=True)
+class Base:
+    """The `base` section: what every stage shares."""
+
+    seed: int
+
+    def __post_init__(self):
+        check_number("base.seed", self.seed, low=0, integer=True)
+
+
+def base(params: Mapping) -> Base:
+    return section(Base, params.get("base"), "base")
