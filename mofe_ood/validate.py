@@ -85,7 +85,7 @@ def _evaluate(params: dict) -> None:
 def _register(params: dict) -> None:
     from mofe_ood import register
 
-    register.settings(params)
+    register.config(params)
 
 
 CHECKS: dict[str, Callable[[dict], None]] = {

@@ -29,7 +29,7 @@ def test_every_section_validates(path):
     train.config(params)
     finetune_config(params)
     evaluate.check(params, ["frozen", *train.trained_variants(params)])
-    assert register.settings(params)["variant"] in train.trained_variants(params)
+    assert register.config(params).variant in train.trained_variants(params)
 
 
 @pytest.mark.parametrize("path", FILES[1:], ids=lambda p: p.name)
