@@ -238,7 +238,7 @@ def test_images(prepared: Path, n: int = 256) -> list[bytes]:
     from mofe_ood.images import encode_png
     from mofe_ood.prepare import load_split
 
-    if not (prepared / "info.json").is_file():
+    if not (prepared / "manifest.json").is_file():
         raise SystemExit(f"{prepared} has no prepared benchmark: run `make run` first")
     return [encode_png(image) for image in load_split(prepared, "test").images[:n]]
 

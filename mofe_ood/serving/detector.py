@@ -90,10 +90,14 @@ class Predictions:
 
 
 class _Batcher:
-    """One forward pass at a time; each pass takes every batch queued while the last one ran."""
+    """One forward pass at a time; each pass takes the batches queued while the last one ran.
 
-    def __init__(self, forward):
-        self.forward = forward
+    A pass takes queued batches in arrival order up to `max_rows` rows (at least one batch),
+    so memory stays bounded however many requests wait.
+    """
+
+    def __init__(self, forward, max_rows: int = 64):
+        self.forward, self.max_rows = forward, max_rows
         self.model_lock = threading.Lock()
         self.queue_lock = threading.Lock()
         self.queue: list[dict] = []
@@ -102,18 +106,26 @@ class _Batcher:
         job = {"x": x, "out": None}
         with self.queue_lock:
             self.queue.append(job)
-        with self.model_lock:
-            if job["out"] is None:  # not done by an earlier pass: take everything queued
-                with self.queue_lock:
-                    jobs, self.queue = self.queue, []
-                sizes = [len(j["x"]) for j in jobs]
-                x_all = jobs[0]["x"] if len(jobs) == 1 else torch.cat([j["x"] for j in jobs])
-                feature, logits = self.forward(x_all)
-                start = 0
-                for j, n in zip(jobs, sizes):
-                    j["out"] = (feature[start:start + n], None if logits is None else logits[start:start + n])
-                    start += n
+        while job["out"] is None:
+            with self.model_lock:
+                if job["out"] is None:  # not done by an earlier pass: take what is queued
+                    self._pass()
         return job["out"]
+
+    def _pass(self) -> None:
+        with self.queue_lock:
+            take, rows = 0, 0
+            while take < len(self.queue) and (take == 0 or rows + len(self.queue[take]["x"]) <= self.max_rows):
+                rows += len(self.queue[take]["x"])
+                take += 1
+            jobs, self.queue = self.queue[:take], self.queue[take:]
+        x = jobs[0]["x"] if len(jobs) == 1 else torch.cat([j["x"] for j in jobs])
+        feature, logits = self.forward(x)
+        start = 0
+        for j in jobs:
+            n = len(j["x"])
+            j["out"] = (feature[start:start + n], None if logits is None else logits[start:start + n])
+            start += n
 
 
 class Detector:
