@@ -30,7 +30,8 @@ def test_a_finetune_phase_trains_on_the_cpu(phase):
     before = [q.detach().clone() for q in trained.parameters()]
     r = gpu.time_finetune(model, p, tp, phase, batch_size=2, steps=2, warmup=1, device="cpu")
     assert r["images_per_s"] > 0 and math.isfinite(r["loss"]) and r["peak_gib"] is None
-    assert any(not torch.equal(a, b) for a, b in zip(before, trained.parameters(), strict=True))  # the optimizer stepped
+    # the optimizer stepped
+    assert any(not torch.equal(a, b) for a, b in zip(before, trained.parameters(), strict=True))
 
 
 def test_extract_times_the_backbone_on_the_cpu():

@@ -156,8 +156,11 @@ def table(rows: list[tuple]) -> str:
     cells = [("model", "phase", "batch", "images/s", "peak GiB")] + [
         (m, ph, str(b), f"{ips:.1f}", "-" if gib is None else f"{gib:.2f}") for m, ph, b, ips, gib in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(5)]
-    lines = ["| " + " | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))) + " |"
-             for r in cells]
+    def line(r):
+        return "| " + " | ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(r, widths, strict=True))) + " |"
+
+    lines = [line(r) for r in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 1) + ("-" if i < 2 else ":") for i, w in enumerate(widths)) + "|")
     return "\n".join(lines)
 
