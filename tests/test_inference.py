@@ -189,17 +189,15 @@ def test_score_cli_errors(project, tmp_path, monkeypatch, capsys):
     assert cli.main(["score", str(tmp_path / "bad"), "--model", f"models/{VARIANT}"]) == 1  # nothing scored
 
 
-def test_a_finetuned_variant_predicts_through_its_own_image_model(tmp_path):
+def test_a_finetuned_variant_predicts_through_its_own_image_model(tmp_path, finetune_params, prepared_images):
     """finetune.py's variant: images -> its ViT + block-expert MoFE -> the routed feature -> head."""
     import torch
 
     from mofe_ood import finetune, scores
     from mofe_ood.extract import load_features
-    from mofe_ood.train import load_model
-    from tests.test_finetune import params as finetune_params
-    from tests.test_finetune import prepared
+    from mofe_ood.training.heads import load_model
 
-    data, params, variant = prepared(tmp_path / "prepared"), finetune_params(), "mofe_finetune"
+    data, params, variant = prepared_images(tmp_path / "prepared"), finetune_params(), "mofe_finetune"
     finetune.run(params, data, tmp_path / "models")
     (tmp_path / "reports").mkdir()
     (tmp_path / "reports" / "thresholds.json").write_text(json.dumps(

@@ -23,9 +23,9 @@ from safetensors.torch import save_file as save_tensors
 from mofe_ood.backbones import create_backbone
 from mofe_ood.images import MAX_PIXELS
 from mofe_ood.serving.detector import Detector
+from mofe_ood.training.heads import FROZEN, load_finetuned, load_model
 
 FORMAT = "mofe-ood-detector/1"
-FROZEN = "frozen"  # evaluate.FROZEN: the backbone alone, no head
 
 
 def from_pipeline(variant: str, models_dir: str | Path = "models",
@@ -56,8 +56,6 @@ def from_pipeline(variant: str, models_dir: str | Path = "models",
             "labels": np.ascontiguousarray(train.labels, np.int64)}
     head, head_files = None, {}
     if variant != FROZEN:
-        from mofe_ood.train import load_model
-
         head, _ = load_model(model_dir)
         head_files = {f.name: f.read_bytes() for f in sorted(model_dir.iterdir())
                       if f.is_file() and f.suffix in (".json", ".safetensors")}
@@ -77,8 +75,6 @@ def _pipeline_backbone(info: dict, model_dir: Path, params: dict) -> tuple[torch
     config_path = model_dir / "config.json"
     tuned = json.loads(config_path.read_text()).get("finetuned") if config_path.is_file() else None
     if tuned:  # finetune.py: backbone + MoFE with block experts, images -> routed feature
-        from mofe_ood.finetune import load_finetuned
-
         model, _ = load_finetuned(model_dir)
         return model, {"name": tuned["backbone"], "weights": "finetuned", "source": "finetuned",
                        "image_size": int(tuned["image_size"]), "mean": list(tuned["mean"]),
@@ -133,16 +129,12 @@ def load(bundle_dir: str | Path) -> Detector:
     if spec["weights"] == "package":
         backbone = create_backbone(spec["name"], "package", spec["image_size"], num_classes=0)
     elif spec["weights"] == "finetuned":
-        from mofe_ood.finetune import load_finetuned
-
         backbone, _ = load_finetuned(bundle_dir / config["head"])
     else:  # the exact tensors that were saved, loaded strictly
         backbone = create_backbone(spec["name"], "random", spec["image_size"], num_classes=0)
         backbone.load_state_dict(load_tensors(bundle_dir / spec["weights"]))
     head, head_files = None, {}
     if config.get("head"):
-        from mofe_ood.train import load_model
-
         head_dir = bundle_dir / config["head"]
         head, _ = load_model(head_dir)
         head_files = {f.name: f.read_bytes() for f in sorted(head_dir.iterdir()) if f.is_file()}
