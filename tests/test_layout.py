@@ -8,6 +8,8 @@ Run as a script for the size report (the README's layout section quotes it):
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -130,6 +132,22 @@ def test_modules_and_functions_are_small():
     assert not new, f"over {MAX_MODULE_LINES} lines a module / {MAX_FUNCTION_LINES} a function: {new}"
     fixed = TOO_LARGE_FOR_NOW - set(large)
     assert not fixed, f"small now: take them off TOO_LARGE_FOR_NOW: {sorted(fixed)}"
+
+
+def test_every_document_the_code_cites_is_in_the_repository():
+    """The method and the stack are docs/method.md and docs/stack.md; nothing cites a file that is not there."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py", "*.md",
+                            "*.yaml", "*.toml", "Makefile"], cwd=ROOT, capture_output=True, text=True).stdout
+    missing, stale = [], []
+    for name in files.split():
+        if not (ROOT / name).is_file():
+            continue
+        for number, line in enumerate((ROOT / name).read_text().splitlines(), 1):
+            stale += [f"{name}:{number}" for _ in re.findall(r"(?<![\w/])(?:METHOD|STACK)\.md", line)]
+            missing += [f"{name}:{number}: {doc}" for doc in re.findall(r"\bdocs/[\w.-]+\.md", line)
+                        if not (ROOT / doc).is_file()]
+    assert not missing, f"cited documents that do not exist: {missing}"
+    assert not stale, f"cite docs/method.md or docs/stack.md (the old top-level names are gone): {stale}"
 
 
 def report(top: int = 10) -> str:
