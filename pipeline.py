@@ -7,15 +7,18 @@
     validate -> prepare -> extract -> train -> evaluate -> register           (extract.shards: 1, any KFP 2.x)
     validate -> prepare -> extract x N (ParallelFor) -> merge_features -> ...  (extract.shards: N > 1)
 
+The steps after `validate` are the stage table's (mofe_ood/stages.py: names, order,
+sections, pods); each step takes its inputs by name from the params sections, the GPU
+counts and the outputs of the steps before it, so a new stage needs no change here.
 `validate` checks every section at once (mofe validate) and fails the run in seconds;
 compile, run and submit run the same check here first.
 
-Each params.yaml section (base, prepare, ...) is one pipeline parameter, the
-section as JSON text, its default the file's value; `--set` changes the values
-sent for this run. `extract.gpus` and `train.gpus` are integer parameters of
-their own: they feed the steps' accelerator limits. The `kfp` section (image,
-pipeline_root, secret, config_map, GPU node settings, data PVC, train timeout) is
-read when compiling: it shapes the pods, not the computation. MOFE_IMAGE and
+Each params.yaml section a stage reads (base, prepare, ...) is one pipeline parameter,
+the section as JSON text, its default the file's value; `--params` takes params.yaml or a
+preset, `--set` changes the values sent for this run. `extract.gpus` and `train.gpus`
+are integer parameters of their own: they feed the steps' accelerator limits. The `kfp`
+section (image, pipeline_root, GPU node settings, data PVC, train timeout) is read when
+compiling: it shapes the pods, not the computation. MOFE_IMAGE and
 MOFE_PIPELINE_ROOT override `kfp.image` and `kfp.pipeline_root`; an image without
 a tag gets the checkout's (infra/image.sh tag: the commit), so a new commit is a new
 image string and KFP's cache cannot serve old code.
@@ -170,7 +173,7 @@ def call(component, available: dict, what: str) -> dsl.PipelineTask:
         if name in available:
             args[name] = available[name]
         elif spec.default is None and not spec.optional:
-            raise ParamError(f"{what}: no section, GPU count or earlier step's output is named {name!r} "
+            raise TypeError(f"{what}: no section, GPU count or earlier step's output is named {name!r} "
                              f"(available: {', '.join(sorted(available))})")
     return component(**args)
 

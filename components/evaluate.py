@@ -19,7 +19,7 @@ def evaluate(base: str, train: str, finetune: str, evaluate: str, register: str,
     import json
     from pathlib import Path
 
-    variant = params["register"].get("variant") or next(iter(all_metrics))
+    variant = params["register"]["variant"]
     thresholds = json.loads((Path(reports.path) / "thresholds.json").read_text())
     for name, value in stage.headline(all_metrics, thresholds, variant).items():
         if isinstance(value, str):
