@@ -248,14 +248,17 @@ def small_run() -> Callable[[], dict]:
 
 @pytest.fixture(scope="session")
 def tiny_project(tmp_path_factory, tiny_run) -> Path:
-    """A project folder after the tiny run: data/, models/, reports/, and images/<split>/*.png
-    (what a user would point `mofe score` at), built once per session. Treat it as read-only."""
+    """A project folder after the tiny run: params.yaml (the tiny run's), data/, models/,
+    reports/, and images/<split>/*.png (what a user would point `mofe score` at), built once
+    per session. Tests share it: write nothing into it that another test reads."""
+    import yaml
     from PIL import Image
 
     from mofe_ood import evaluate, extract, prepare, train
 
     root = tmp_path_factory.mktemp("tiny_pipeline")
     params = tiny_run()
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     prepare.run(params, root / "data" / "prepared")
     extract.run(params, root / "data" / "prepared", root / "data" / "features")
     train.run(params, root / "data" / "features", root / "models")
