@@ -7,17 +7,18 @@ from components import component, sections
 
 @component
 def register(base: str, prepare: str, extract: str, train: str, finetune: str, evaluate: str,
-             register: str, features: Input[Dataset], models: Input[Model], reports: Input[Dataset],
+             register: str, serve: str, features: Input[Dataset], models: Input[Model], reports: Input[Dataset],
              registration: Output[Artifact], kfp_run_id: str = "", image: str = ""):
     """Register `register.variant` (MLflow endpoint and credentials from the environment).
 
-    All sections: the MLflow run records the whole configuration. Its lineage tags: the KFP
+    All sections (`serve`: the input limits written into the bundle): the MLflow run records the
+    whole configuration. Its lineage tags: the KFP
     run, the input artifacts' URIs, the image, and the commit baked into it (MOFE_GIT_COMMIT).
     """
     from mofe_ood import register as stage
 
     params = sections(base=base, prepare=prepare, extract=extract, train=train, finetune=finetune,
-                      evaluate=evaluate, register=register)
+                      evaluate=evaluate, register=register, serve=serve)
     lineage = {"kfp_run_id": kfp_run_id, "image": image, "features_uri": features.uri,
                "models_uri": models.uri, "reports_uri": reports.uri}
     result = stage.run(params, models.path, reports.path, features.path, out=registration.path,

@@ -6,13 +6,13 @@ from components import component, sections
 
 @component
 def validate(base: str, prepare: str, extract: str, train: str, finetune: str, evaluate: str,
-             register: str, extract_gpus: int, train_gpus: int, reference: str):
+             register: str, serve: str, extract_gpus: int, train_gpus: int, reference: str):
     """`reference`: the params the pipeline was compiled with (JSON): a key they lack is a typo."""
     import json
 
     from mofe_ood import validate as stage
 
     params = sections(base=base, prepare=prepare, extract=extract, train=train, finetune=finetune,
-                      evaluate=evaluate, register=register)
+                      evaluate=evaluate, register=register, serve=serve)
     params["extract"]["gpus"], params["train"]["gpus"] = int(extract_gpus), int(train_gpus)
     stage.run(params, json.loads(reference))

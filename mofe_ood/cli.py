@@ -131,7 +131,9 @@ def score(args, params: dict) -> int:
     import csv
     import time
 
-    from mofe_ood.inference import list_images, load_detector, score_files
+    from mofe_ood.images import list_images
+    from mofe_ood.serving.bundle import load_detector
+    from mofe_ood.serving.detector import score_files
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size: {args.batch_size} must be >= 1")

@@ -10,6 +10,7 @@ become a `BadImage` naming the cause, raised per image so a batch goes on.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from os import PathLike
 from pathlib import Path
@@ -55,16 +56,23 @@ def read_image(source: str | PathLike | bytes, max_side: int, max_pixels: int = 
             return load_rgb(opener(), max_side=max_side)
     except BadImage:
         raise
-    except Image.DecompressionBombError as err:
-        raise BadImage(f"image too large: {err}") from None
+    except Image.DecompressionBombError as err:  # PIL's own guard fires first, at over 2x its limit
+        declared = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{int(declared.group(1)):,} pixels" if declared else "too many pixels"
+        raise BadImage(f"image too large: {size} (limit {max_pixels:,})") from None
     except UnidentifiedImageError:
         raise BadImage("not an image (unrecognised format)") from None
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
         raise BadImage(f"corrupt image ({type(err).__name__}: {err})") from None
 
 
-def as_image(item: Any, max_side: int) -> np.ndarray:
-    """One input (file path, encoded bytes or uint8 H x W [x C] array) -> uint8 H x W or H x W x 3."""
+def as_image(item: Any, max_side: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """One input (file path, encoded bytes or uint8 H x W [x C] array) -> uint8 H x W or H x W x 3.
+
+    A `BadImage` given as the item (a row the caller already found bad) is raised as it is.
+    """
+    if isinstance(item, BadImage):
+        raise item
     if isinstance(item, np.ndarray):
         if item.dtype != np.uint8:
             raise BadImage(f"array images must be uint8, got {item.dtype}")
@@ -72,9 +80,11 @@ def as_image(item: Any, max_side: int) -> np.ndarray:
             item = item[..., 0] if item.shape[-1] == 1 else item[..., :3]
         if item.ndim not in (2, 3) or min(item.shape[:2]) < 1:
             raise BadImage(f"array image of shape {item.shape} is not H x W or H x W x 3")
+        if item.shape[0] * item.shape[1] > max_pixels:
+            raise BadImage(f"image too large: {item.shape[1]}x{item.shape[0]} pixels (limit {max_pixels:,})")
         return item
     if isinstance(item, (str, PathLike, bytes, bytearray, memoryview)):
-        return read_image(item, max_side)
+        return read_image(item, max_side, max_pixels)
     raise BadImage(f"unsupported input of type {type(item).__name__} (a path, image bytes or a uint8 array)")
 
 

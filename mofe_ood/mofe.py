@@ -10,15 +10,20 @@ On pooled features a `stem` of MLP blocks stands in for the backbone layers
 below the paper's last block: trained in phase 1, frozen after, and read by
 the router. (The paper's router reads the fine-tuned CLS token entering the
 last block; a linear router on frozen features is only as good as a linear
-probe.) With block experts the ViT trunk plays this part (finetune.py).
+probe.) With block experts the ViT trunk plays this part (training/finetuning.py).
 
-Expert kinds share one constructor signature `(dim, hidden_features, drop, init_from)`:
-- `BlockExpert` (the paper's): a copy of a timm ViT's last transformer block and
-  final norm, on token sequences (fine-tuning, GPU);
-- `MLPExpert` (ours): residual MLP + LayerNorm on pooled features (cached
+Expert kinds are a registry (`EXPERTS`, filled by `@register_expert(name)`) of
+modules with one constructor signature `(dim, hidden_features, drop, init_from)`
+and a class attribute `reads_tokens` (True: token sequences N x T x D, which only
+fine-tuning on images provides; False: pooled features N x D):
+- `BlockExpert` ("block", the paper's): a copy of a timm ViT's last transformer
+  block and final norm, on token sequences (fine-tuning, GPU);
+- `MLPExpert` ("mlp", ours): residual MLP + LayerNorm on pooled features (cached
   frozen features, CPU).
+A new kind is one class here (or in a module imported before training) and
+its name in `train.mofe.expert`.
 
-Training (`trainable_parameters` + `phase_loss`), the paper's three phases:
+Training (mofe_ood/training/phases.py), the paper's three phases:
 1. "base": the baseline (feature path: stem + expert 0 + classifier, every
    sample through expert 0; fine-tuning: backbone + classifier). Then `copy_expert(0)`
    initialises every expert from it, as the paper copies the fine-tuned block.
@@ -29,8 +34,6 @@ Training (`trainable_parameters` + `phase_loss`), the paper's three phases:
 3. "router": the router alone, everything else frozen.
 Plus "joint" (ours): everything in one phase, hard routing by the true
 label's group while training (teacher forcing).
-`enter_phase` sets requires_grad and train/eval mode (frozen parts run in eval
-mode: no dropout) for a phase.
 """
 
 from __future__ import annotations
@@ -42,9 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-EXPERT_KINDS = ("mlp", "block")
 ROUTER_MODES = ("hard", "soft")
-PHASES = ("base", "experts", "router", "joint")
 GROUP_METHODS = ("kmeans", "agglomerative")
 
 
@@ -107,8 +108,26 @@ def _fill_empty(labels: np.ndarray, points: np.ndarray, k: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- experts
 
+EXPERTS: dict[str, type[nn.Module]] = {}
+
+
+def register_expert(name: str):
+    """Class decorator: make the expert class available as `train.mofe.expert: <name>`."""
+    def add(cls):
+        if EXPERTS.get(name, cls) is not cls:
+            raise ValueError(f"expert kind {name!r} is registered already ({EXPERTS[name].__name__})")
+        if not isinstance(getattr(cls, "reads_tokens", None), bool):
+            raise ValueError(f"expert kind {name!r}: {cls.__name__}.reads_tokens must be True or False")
+        EXPERTS[name] = cls
+        return cls
+    return add
+
+
+@register_expert("mlp")
 class MLPExpert(nn.Module):
     """Feature expert on pooled features (ours): LayerNorm(x + MLP(x)); at init (zero last layer) LayerNorm(x)."""
+
+    reads_tokens = False
 
     def __init__(self, dim: int, hidden_features: int | None = None, drop: float = 0.0,
                  init_from: nn.Module | None = None):
@@ -128,6 +147,7 @@ class MLPExpert(nn.Module):
         return self.norm(x + self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
+@register_expert("block")
 class BlockExpert(nn.Module):
     """The paper's expert: a copy of a ViT's last transformer block + final norm; tokens -> normalised CLS.
 
@@ -135,6 +155,8 @@ class BlockExpert(nn.Module):
     are deep-copied) or another BlockExpert. `hidden_features`/`drop` are the
     copied block's own; they are accepted for the shared signature only.
     """
+
+    reads_tokens = True
 
     def __init__(self, dim: int, hidden_features: int | None = None, drop: float = 0.0,
                  init_from: nn.Module | None = None):
@@ -156,9 +178,6 @@ class BlockExpert(nn.Module):
         x = self.norm(self.block(tokens))
         x = x[:, 0] if self.pool == "token" else x[:, self.num_prefix_tokens:].mean(1)
         return self.fc_norm(x)
-
-
-EXPERTS = {"mlp": MLPExpert, "block": BlockExpert}
 
 
 def tokens_before_last_block(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -212,7 +231,7 @@ class Router(nn.Module):
 class MoFE(nn.Module):
     """Mixture of Feature Experts: router -> one expert per group -> shared linear classifier.
 
-    Input: pooled features N x D (mlp experts) or tokens N x T x D (block experts).
+    Input: pooled features N x D, or tokens N x T x D for experts that read tokens.
     `forward(x) -> dict(feature, logits, router_logits, gates)`; `feature` is the
     routed expert output (the gate-weighted sum of the top-k experts when soft).
     """
@@ -222,9 +241,9 @@ class MoFE(nn.Module):
                  top_k: int = 1, stem_blocks: int = 0, init_from: nn.Module | None = None):
         super().__init__()
         if expert not in EXPERTS:
-            raise ValueError(f"expert kind {expert!r} is not one of {EXPERT_KINDS}")
-        if stem_blocks and expert == "block":
-            raise ValueError("a stem is for pooled features; block experts read the ViT trunk's tokens")
+            raise ValueError(f"expert kind {expert!r} is not one of {', '.join(EXPERTS)}")
+        if stem_blocks and EXPERTS[expert].reads_tokens:
+            raise ValueError(f"a stem is for pooled features; {expert!r} experts read the ViT trunk's tokens")
         groups = check_groups(class_to_group, num_classes, int(np.max(class_to_group)) + 1)
         self.dim, self.num_classes, self.num_experts = dim, num_classes, int(groups.max()) + 1
         self.stem = nn.Sequential(*(MLPExpert(dim, hidden_features, drop) for _ in range(stem_blocks)))
@@ -313,104 +332,3 @@ class MLPHead(nn.Module):
 
     def classifier_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.classifier.weight, self.classifier.bias
-
-
-# ---------------------------------------------------------------- training phases
-
-def phase_modules(model: MoFE, phase: str, expert: int | None = None) -> list[nn.Module]:
-    """The modules phase `phase` trains (phase "experts": those of expert `expert`)."""
-    if phase == "base":
-        modules = [model.stem, model.experts[0], model.classifier]
-    elif phase == "experts":
-        if expert is None or not 0 <= expert < model.num_experts:
-            raise ValueError(f"phase 'experts' needs an expert index in 0..{model.num_experts - 1}, got {expert}")
-        modules = [model.experts[expert], model.other_heads[expert]]
-    elif phase == "router":
-        modules = [model.router]
-    elif phase == "joint":
-        modules = [model.stem, model.experts, model.router, model.classifier]
-    else:
-        raise ValueError(f"phase {phase!r} is not one of {PHASES}")
-    return modules
-
-
-def trainable_parameters(model: MoFE, phase: str, expert: int | None = None) -> list[nn.Parameter]:
-    """The parameters phase `phase` trains."""
-    return [p for m in phase_modules(model, phase, expert) for p in m.parameters()]
-
-
-def enter_phase(model: MoFE, phase: str, expert: int | None = None) -> list[nn.Parameter]:
-    """Train mode and gradients for the phase's modules only; -> their parameters (for the optimizer)."""
-    model.eval()
-    for m in phase_modules(model, phase, expert):
-        m.train()
-    return set_trainable(model, trainable_parameters(model, phase, expert))
-
-
-def set_trainable(root: nn.Module, params: list[nn.Parameter]) -> list[nn.Parameter]:
-    """Freeze every parameter of `root` except `params` (returned, for the optimizer)."""
-    keep = {id(p) for p in params}
-    for p in root.parameters():
-        p.requires_grad_(id(p) in keep)
-    return params
-
-
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return -(targets * logits.float().log_softmax(1)).sum(1).mean()
-
-
-def phase_loss(model: MoFE, phase: str, x: torch.Tensor, labels: torch.Tensor, *, expert: int | None = None,
-               x_other: torch.Tensor | None = None, mixup=None, generator: torch.Generator | None = None,
-               label_smoothing: float = 0.0, other_weight: float = 0.1,
-               targets: torch.Tensor | None = None) -> torch.Tensor:
-    """The loss of one batch in phase `phase` (see the module docstring).
-
-    `x`, `labels`: the batch (phase "experts": the in-group samples of expert
-    `expert`; `x_other`: as many out-of-group samples). `mixup`: a Mixup or
-    DynamicBetaMixup (None: no mixing) for phases base, experts and joint.
-    `targets`: soft targets of an `x` mixed already (image-space mixup upstream).
-    """
-    from mofe_ood.mixup import soft_targets
-
-    def mixed(inputs, ys):
-        if targets is not None:
-            return inputs, targets
-        if mixup is None:
-            return inputs, soft_targets(ys, model.num_classes, label_smoothing)
-        mx, mt, _ = mixup(inputs, ys, ys, generator)
-        return mx, mt
-
-    if phase == "base":
-        xm, t = mixed(x, labels)
-        return soft_cross_entropy(model(xm, expert=0)["logits"], t)
-    if phase == "experts":
-        if expert is None:
-            raise ValueError("phase 'experts' needs the expert index")
-        xm, t = mixed(x, labels)
-        t = F.pad(t, (0, 1))  # the "other" column: 0 for in-group samples
-        net, other = model.experts[expert], model.other_heads[expert]
-
-        def logits_of(inputs):
-            f = net(model.stem(inputs))
-            return torch.cat([model.classifier(f), other(f)], 1)
-
-        loss = soft_cross_entropy(logits_of(xm), t)
-        if x_other is not None and len(x_other):
-            target = torch.full((len(x_other),), model.num_classes, dtype=torch.long, device=x.device)
-            loss = loss + other_weight * F.cross_entropy(logits_of(x_other).float(), target)
-        return loss
-    if phase == "router":
-        h = model.stem(x)
-        router_logits, gates = model.route(h)
-        loss = F.cross_entropy(router_logits.float(), labels, label_smoothing=label_smoothing)
-        if model.router.mode == "soft":  # gates are differentiable: also fit the mixture's output
-            logits = model.classifier(model.mix_experts(h, gates))
-            loss = loss + F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-        return loss
-    if phase == "joint":
-        xm, t = mixed(x, labels)
-        out = model(xm, route_labels=labels if model.router.mode == "hard" else None)
-        router_logits, _ = model.route(model.stem(x))
-        return soft_cross_entropy(out["logits"], t) + F.cross_entropy(
-            router_logits.float(), labels, label_smoothing=label_smoothing)
-    raise ValueError(f"phase {phase!r} is not one of {PHASES}")

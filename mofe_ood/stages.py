@@ -68,7 +68,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluate", ("base", "train", "finetune", "evaluate", "register"),
           "every variant x OOD score x OOD set into reports/",
           Resources(4, "16Gi")),
-    Stage("register", ("base", "prepare", "extract", "train", "finetune", "evaluate", "register"),
+    Stage("register", ("base", "prepare", "extract", "train", "finetune", "evaluate", "register", "serve"),
           "log the run to MLflow and register the model behind the promotion gate",
           Resources(1, "4Gi", storage=True)),  # same content again = same model version
 )

@@ -126,10 +126,6 @@ def _legacy_check(section: str, params: dict) -> None:
         from mofe_ood.train import trained_variants
 
         evaluate.check(params, [evaluate.FROZEN, *trained_variants(params)])
-    elif section == "register":
-        from mofe_ood import register
-
-        register.settings(params)
 
 
 def run(params: dict, reference: dict | None = None) -> dict:

@@ -333,3 +333,93 @@ def import_graph_of() -> Callable[[Path], dict[str, set[str]]]:
 def import_graph() -> dict[str, set[str]]:
     """The import graph of mofe_ood (see import_graph_of)."""
     return build_import_graph(PACKAGE)
+
+
+# ---------------------------------------------------------------- training fixtures
+# Shared builders of tests/test_train*.py, test_finetune.py (and test_inference.py): synthetic
+# cached features, prepared images, and params = the project's params.yaml + small overrides.
+
+import json as _json  # noqa: E402
+
+import numpy as _np  # noqa: E402
+
+# Small enough to train every variant in seconds, long enough to converge.
+TINY_TRAIN = {"epochs": 10, "expert_epochs": 4, "router_epochs": 4, "batch_size": 32, "hidden_features": 64,
+              "lr": 5e-3, "linear_lr": 3e-2, "mofe": {"num_experts": 3}, "num_threads": 1}
+TINY_FINETUNE = {"epochs": 2, "expert_epochs": 1, "router_epochs": 1, "batch_size": 8, "max_steps_per_epoch": 2,
+                 "eval_batch_size": 16, "group_samples_per_class": 4, "lr": 1e-3,
+                 "backbone_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}}
+IMAGE_CLASSES = ["a", "b", "c", "d"]
+
+
+def _project_params(override: dict) -> dict:
+    from mofe_ood.params import load, merged
+
+    return merged(load(ROOT / "params.yaml"), override)
+
+
+def _synthetic_features(root: Path, seed: int = 0, classes: int = 6, dim: int = 8, per_class: int = 100,
+                        val_per_class: int = 30, blobs: int = 3) -> Path:
+    """extract's layout; every class is a mixture of Gaussian blobs (not linearly separable)."""
+    rng = _np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, blobs, dim)) * 3.0
+    root.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, n in (("train", per_class), ("val", val_per_class)):
+        labels = _np.repeat(_np.arange(classes), n)
+        x = centres[labels, rng.integers(blobs, size=len(labels))] + rng.normal(size=(len(labels), dim)) * 0.5
+        _np.savez(root / f"{split}.npz", features=x.astype(_np.float32), labels=labels.astype(_np.int64))
+        splits[split] = {"kind": "id", "group": None, "count": len(labels)}
+    info = {"backbone": "synthetic", "weights": "random", "image_size": 0, "feature_dim": dim,
+            "classes": [f"class{i}" for i in range(classes)], "splits": splits}
+    (root / "info.json").write_text(_json.dumps(info))
+    return root
+
+
+def _prepared_images(root: Path, seed: int = 0) -> Path:
+    """prepare's layout: 28 px gray images whose brightness pattern depends on the class (4 classes)."""
+    rng = _np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    splits = {}
+    for name, n, kind in (("train", 12, "id"), ("val", 4, "id"), ("ood", 6, "ood")):
+        labels = _np.repeat(_np.arange(4), n) if kind == "id" else _np.full(n, -1)
+        images = rng.integers(0, 60, (len(labels), 28, 28)).astype(_np.uint8)
+        for i, y in enumerate(labels):
+            if y >= 0:
+                images[i, 7 * y:7 * y + 7] += 150
+        _np.savez(root / f"{name}.npz", images=images, labels=labels.astype(_np.int64))
+        splits[name] = {"kind": kind, "group": None if kind == "id" else "far", "count": len(labels)}
+    (root / "manifest.json").write_text(_json.dumps({"classes": IMAGE_CLASSES, "splits": splits}))
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_features():
+    """`synthetic_features(root, seed=0, classes=6, dim=8, per_class=100, val_per_class=30, blobs=3)`."""
+    return _synthetic_features
+
+
+@pytest.fixture(scope="session")
+def prepared_images():
+    """`prepared_images(root, seed=0)`: 4 classes of 28 px images (train 12, val 4 per class, ood 6)."""
+    return _prepared_images
+
+
+@pytest.fixture(scope="session")
+def train_params():
+    """`train_params(**train_overrides)`: params.yaml with TINY_TRAIN and the overrides on `train`."""
+    from mofe_ood.params import merged
+
+    return lambda **over: _project_params({"train": merged(TINY_TRAIN, over)})
+
+
+@pytest.fixture(scope="session")
+def finetune_params():
+    """`finetune_params(checkpoint_dir=None, **finetune_overrides)`: params.yaml with a tiny random
+    DINOv2 (extract), 2 experts, and TINY_FINETUNE and the overrides on `finetune`."""
+    def build(checkpoint_dir=None, **over):
+        return _project_params({
+            "extract": {"backbone": "vit_small_patch14_dinov2", "weights": "random", "image_size": 28},
+            "train": {"mofe": {"num_experts": 2}},
+            "finetune": {**TINY_FINETUNE, "checkpoint_dir": checkpoint_dir, **over}})
+    return build

@@ -1,13 +1,16 @@
 """`bench gpu` on the CPU: the no-GPU exit, and the timed steps the GPU runs, on a tiny random DINOv2."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from mofe_ood.bench import gpu
+from mofe_ood.params import load
 
 TINY = dict(depth=2, embed_dim=32, num_heads=2)
+PARAMS = load(Path(__file__).resolve().parents[1] / "params.yaml")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
@@ -21,13 +24,14 @@ def test_without_a_gpu_it_says_so_and_exits_0(capsys):
 @pytest.mark.parametrize("phase", ["base", "experts", "router"])
 def test_a_finetune_phase_trains_on_the_cpu(phase):
     torch.manual_seed(0)
-    model, p, tp = gpu.build("small", 28, "cpu", **TINY)
-    assert len(model.mofe.experts) == tp["mofe"]["num_experts"] and not p["max_steps_per_epoch"]
+    model, p, tp = gpu.build("small", 28, "cpu", PARAMS, **TINY)
+    assert len(model.mofe.experts) == tp.mofe.num_experts and not p.max_steps_per_epoch
     trained = {"base": model.backbone.blocks[0], "experts": model.mofe.experts[0], "router": model.mofe.router}[phase]
     before = [q.detach().clone() for q in trained.parameters()]
     r = gpu.time_finetune(model, p, tp, phase, batch_size=2, steps=2, warmup=1, device="cpu")
     assert r["images_per_s"] > 0 and math.isfinite(r["loss"]) and r["peak_gib"] is None
-    assert any(not torch.equal(a, b) for a, b in zip(before, trained.parameters()))  # the optimizer stepped
+    # the optimizer stepped
+    assert any(not torch.equal(a, b) for a, b in zip(before, trained.parameters(), strict=True))
 
 
 def test_extract_times_the_backbone_on_the_cpu():
@@ -45,6 +49,6 @@ def test_the_table_is_aligned_markdown():
 
 @pytest.mark.slow  # two spawned processes: ~20 s on 2 CPUs
 def test_ddp_times_the_base_phase_in_two_cpu_processes():
-    cfg = dict(name="small", image_size=28, params={}, backbone_kwargs=TINY, batch_size=2, steps=2, warmup=1)
+    cfg = dict(name="small", image_size=28, params=PARAMS, backbone_kwargs=TINY, batch_size=2, steps=2, warmup=1)
     r = gpu.time_ddp(2, cfg, timeout_s=120)
     assert r is not None and r["images_per_s"] > 0 and math.isfinite(r["loss"])

@@ -7,47 +7,18 @@ import pytest
 import torch
 
 from mofe_ood import finetune, train
-from mofe_ood.params import ParamError
+from mofe_ood.params import ParamError, merged
+from mofe_ood.training import heads, loop
 
-CLASSES = ["a", "b", "c", "d"]
-
-
-def prepared(root, seed=0):
-    """prepare's layout: 28 px gray images whose brightness pattern depends on the class."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True)
-    splits = {}
-    for name, n, kind in (("train", 12, "id"), ("val", 4, "id"), ("ood", 6, "ood")):
-        labels = np.repeat(np.arange(4), n) if kind == "id" else np.full(n, -1)
-        images = rng.integers(0, 60, (len(labels), 28, 28)).astype(np.uint8)
-        for i, y in enumerate(labels):
-            if y >= 0:
-                images[i, 7 * y:7 * y + 7] += 150
-        np.savez(root / f"{name}.npz", images=images, labels=labels.astype(np.int64))
-        splits[name] = {"kind": kind, "group": None if kind == "id" else "far", "count": len(labels)}
-    (root / "manifest.json").write_text(json.dumps({"classes": CLASSES, "splits": splits}))
-    return root
-
-
-def params(checkpoint_dir=None, **over):
-    ft = {"epochs": 2, "expert_epochs": 1, "router_epochs": 1, "batch_size": 8, "max_steps_per_epoch": 2,
-          "eval_batch_size": 16, "group_samples_per_class": 4, "lr": 1e-3, "checkpoint_dir": checkpoint_dir,
-          "backbone_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}, **over}
-    return {"base": {"seed": 0},
-            "extract": {"backbone": "vit_small_patch14_dinov2", "weights": "random", "image_size": 28},
-            "train": {"mofe": {"num_experts": 2}, "dynmix": {"alpha_min": 0.1, "alpha_max": 1.0}},
-            "finetune": ft}
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, prepared_images):
+    return prepared_images(tmp_path_factory.mktemp("ft") / "prepared")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return prepared(tmp_path_factory.mktemp("ft") / "prepared")
-
-
-@pytest.fixture(scope="module")
-def finetuned(data, tmp_path_factory):
+def finetuned(data, tmp_path_factory, finetune_params):
     models = tmp_path_factory.mktemp("ft_models")
-    summary = finetune.run(params(), data, models)
+    summary = finetune.run(finetune_params(), data, models)
     return models, summary
 
 
@@ -58,7 +29,7 @@ def test_finetune_writes_a_loadable_model_and_features(data, finetuned):
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["backbone.safetensors", "config.json", "features", "history.csv",
                             "mofe.safetensors", "model.safetensors"])
-    model, cfg = finetune.load_finetuned(out)
+    model, cfg = heads.load_finetuned(out)
     images = np.load(data / "val.npz")["images"]
     from mofe_ood.backbones import Preprocess
     from mofe_ood.extract import preprocess
@@ -72,7 +43,7 @@ def test_finetune_writes_a_loadable_model_and_features(data, finetuned):
     e0, e1 = (e.block.mlp.fc1.weight for e in model.mofe.experts)
     assert not torch.equal(e0, e1)  # each expert trained on its own group
     # the feature-based head over the routed features = the fine-tuned model's classifier
-    head, _ = train.load_model(out)
+    head, _ = heads.load_model(out)
     with torch.no_grad():
         logits = head(torch.from_numpy(saved["features"]))["logits"]
     assert torch.allclose(logits, result["logits"], atol=1e-4)
@@ -80,9 +51,9 @@ def test_finetune_writes_a_loadable_model_and_features(data, finetuned):
     assert info["feature_dim"] == 32 and info["splits"]["ood"]["kind"] == "ood"
 
 
-def test_finetune_resumes_to_the_same_result(data, finetuned, tmp_path, monkeypatch):
+def test_finetune_resumes_to_the_same_result(data, finetuned, tmp_path, monkeypatch, finetune_params):
     models, _ = finetuned
-    save, calls = train._save_checkpoint, []
+    save, calls = loop.save_checkpoint, []
 
     def save_then_die(*args, **kwargs):
         save(*args, **kwargs)
@@ -90,31 +61,30 @@ def test_finetune_resumes_to_the_same_result(data, finetuned, tmp_path, monkeypa
         if len(calls) == 3:  # inside phase 2
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "_save_checkpoint", save_then_die)
-    p = params(checkpoint_dir=str(tmp_path / "ckpt"))
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    p = finetune_params(checkpoint_dir=str(tmp_path / "ckpt"))
     with pytest.raises(KeyboardInterrupt):
         finetune.run(p, data, tmp_path / "models")
-    monkeypatch.setattr(train, "_save_checkpoint", save)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
     finetune.run(p, data, tmp_path / "models")
     for name in ("backbone.safetensors", "mofe.safetensors", "history.csv"):
         assert (tmp_path / "models" / "mofe_finetune" / name).read_bytes() == \
             (models / "mofe_finetune" / name).read_bytes(), name
 
 
-def test_finetune_needs_a_vit(data, tmp_path):
-    p = params()
-    p["extract"] = {"backbone": "tf_efficientnet_lite0", "weights": "random", "image_size": 28}
+def test_finetune_needs_a_vit(data, tmp_path, finetune_params):
+    p = merged(finetune_params(), {"extract": {"backbone": "tf_efficientnet_lite0"}})
     with pytest.raises(ParamError, match="extract.backbone"):
         finetune.run(p, data, tmp_path)
     with pytest.raises(ParamError, match="finetune.layer_decay"):
-        finetune.run(params(layer_decay=1.5), data, tmp_path)
+        finetune.run(finetune_params(layer_decay=1.5), data, tmp_path)
 
 
-def test_the_train_stage_fine_tunes_when_enabled_and_evaluate_reads_its_features(data, tmp_path):
+def test_the_train_stage_fine_tunes_when_enabled_and_evaluate_reads_its_features(
+        data, tmp_path, finetune_params, synthetic_features):
     """`finetune.enabled`: `mofe train` writes the fine-tuned variant next to the heads, and
     evaluate scores it on its own (fine-tuned) features, not on the frozen ones."""
     from mofe_ood import evaluate
-    from tests.test_train import synthetic_features
 
     features = synthetic_features(tmp_path / "features", classes=4, dim=6, per_class=12, val_per_class=4)
     with np.load(features / "train.npz") as f:  # an OOD set for the frozen features
@@ -125,19 +95,17 @@ def test_the_train_stage_fine_tunes_when_enabled_and_evaluate_reads_its_features
     (features / "info.json").write_text(json.dumps(info))
     (features / "test.npz").write_bytes((features / "val.npz").read_bytes())
 
-    p = params()
-    p["finetune"]["enabled"] = True
-    p["train"].update({"variants": ["linear"], "epochs": 2})
+    p = merged(finetune_params(enabled=True), {"train": {"variants": ["linear"], "epochs": 2}})
     summary = train.run(p, features, tmp_path / "models", prepared_dir=data)
     assert sorted(summary) == ["linear", "mofe_finetune"]
     assert (tmp_path / "models" / "mofe_finetune" / "backbone.safetensors").is_file()
 
     with pytest.raises(ParamError, match="evaluate.variants"):  # disabled: not a variant to evaluate
-        evaluate.check({**p, "finetune": {"enabled": False}, "evaluate": {
+        evaluate.check(merged(p, {"finetune": {"enabled": False}, "evaluate": {
             "variants": ["mofe_finetune"], "scores": ["knn"], "knn_k": [1], "default_score": "knn",
-            "tpr": 0.95}}, ["frozen", "linear"])
-    p["evaluate"] = {"variants": ["frozen", "mofe_finetune"], "scores": ["knn", "msp"], "knn_k": [1],
-                     "vim_dim": [4], "default_score": "knn", "tpr": 0.95}
+            "tpr": 0.95}}), ["frozen", "linear"])
+    p = merged(p, {"evaluate": {"variants": ["frozen", "mofe_finetune"], "scores": ["knn", "msp"], "knn_k": [1],
+                                "vim_dim": [4], "default_score": "knn", "tpr": 0.95}})
     # the fine-tuned features lack the frozen split `test` of this toy set: give them one
     own = tmp_path / "models" / "mofe_finetune" / "features"
     (own / "test.npz").write_bytes((own / "val.npz").read_bytes())
@@ -149,9 +117,7 @@ def test_the_train_stage_fine_tunes_when_enabled_and_evaluate_reads_its_features
     assert result["frozen"]["knn"]["ood"]["auroc"] != result["mofe_finetune"]["knn"]["ood"]["auroc"]
 
 
-def test_fine_tuning_an_efficientnet_in_the_train_stage_is_refused_before_training(tmp_path):
-    p = params()
-    p["finetune"]["enabled"] = True
-    p["extract"]["backbone"] = "tf_efficientnet_lite0"
+def test_fine_tuning_an_efficientnet_in_the_train_stage_is_refused_before_training(tmp_path, finetune_params):
+    p = merged(finetune_params(enabled=True), {"extract": {"backbone": "tf_efficientnet_lite0"}})
     with pytest.raises(ParamError, match="finetune.enabled"):
         train.run(p, tmp_path / "no-features", tmp_path / "models")

@@ -10,7 +10,10 @@ import yaml
 from PIL import Image
 
 from mofe_ood import cli, metrics
-from mofe_ood.inference import Detector, encode_png, images_from_input
+from mofe_ood.images import encode_png
+from mofe_ood.serving import bundle
+from mofe_ood.serving.detector import Detector
+from mofe_ood.serving.pyfunc import rows_from_input
 from mofe_ood.prepare import load_split
 from tests.tiny_pipeline import VARIANT, build, split_images, tiny_params
 
@@ -24,7 +27,7 @@ def project(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def detector(project):
-    return Detector.from_pipeline(VARIANT, project / "models", project / "data" / "features",
+    return bundle.from_pipeline(VARIANT, project / "models", project / "data" / "features",
                                   project / "reports", tiny_params())
 
 
@@ -63,10 +66,10 @@ def test_detector_computes_what_evaluate_computes(project, detector):
 
 
 def test_bundle_is_safetensors_and_json_and_loads_back_identical(detector, tmp_path):
-    bundle = detector.save(tmp_path / "bundle")
-    suffixes = {f.suffix for f in bundle.rglob("*") if f.is_file()}
+    saved = bundle.save(detector, tmp_path / "bundle")
+    suffixes = {f.suffix for f in saved.rglob("*") if f.is_file()}
     assert suffixes <= {".json", ".safetensors"}
-    loaded = Detector.load(bundle)
+    loaded = bundle.load(saved)
     batch = np.random.default_rng(0).integers(0, 256, (6, 28, 28), dtype=np.uint8)
     a, b = detector.predict(batch), loaded.predict(batch)
     np.testing.assert_array_equal(a.ood_score, b.ood_score)
@@ -76,7 +79,7 @@ def test_bundle_is_safetensors_and_json_and_loads_back_identical(detector, tmp_p
                         backbone_spec={**detector.backbone_spec, "weights": "embedded"}, head=detector.head,
                         head_files=detector.head_files, bank=detector.bank, score=detector.score_spec,
                         max_side=detector.max_side)
-    again = Detector.load(embedded.save(tmp_path / "embedded"))
+    again = bundle.load(bundle.save(embedded, tmp_path / "embedded"))
     assert (tmp_path / "embedded" / "backbone.safetensors").is_file()
     np.testing.assert_array_equal(again.predict(batch).ood_score, a.ood_score)
 
@@ -86,8 +89,8 @@ def test_paths_bytes_and_arrays_give_the_same_predictions(project, detector, tmp
     paths = sorted((project / "images" / "test").glob("*.png"))[:5]
     from_array = detector.predict(gray)
     for images in (paths, [str(p) for p in paths], [p.read_bytes() for p in paths], list(gray),
-                   images_from_input({"image": [p.read_bytes() for p in paths]}),
-                   images_from_input({"path": [str(p) for p in paths]})):
+                   rows_from_input({"image": [p.read_bytes() for p in paths]}, 64),
+                   rows_from_input({"path": [str(p) for p in paths]}, 64)):
         np.testing.assert_allclose(detector.predict(images).ood_score, from_array.ood_score, atol=1e-6)
     # Mixed sizes and colour in one batch: each image as if it came alone.
     rgb = np.random.default_rng(1).integers(0, 256, (40, 52, 3), dtype=np.uint8)
@@ -112,6 +115,34 @@ def test_unusable_inputs_are_reported_and_the_rest_predicted(project, detector, 
     frame = result.to_frame()
     assert list(frame.columns) == ["class", "probability", "probabilities", "ood_score", "is_ood", "error"]
     assert frame["error"].notna().sum() == len(inputs) - 3
+
+
+def test_model_input_rows_fail_one_by_one_and_past_the_row_limit(project, detector):
+    """The served model's parsing: per-row errors; only a request without image/path columns fails whole."""
+    import base64
+
+    png = sorted((project / "images" / "test").glob("*.png"))[0].read_bytes()
+    good = base64.b64encode(png).decode()
+    rows = rows_from_input({"image": [good, "%%%", "", None, base64.b64encode(png[: len(png) // 2]).decode(), good],
+                            "path": [None, None, None, None, None, None]}, max_rows=5)
+    result = detector.predict(rows)
+    assert result.errors[0] is None and result.errors[1].startswith("not base64")
+    assert result.errors[2] == result.errors[3] == "empty row: no image data and no path"
+    assert result.errors[4].startswith("corrupt image")
+    assert "at most 5 per request (serve.max_rows)" in result.errors[5]
+    assert result.ood_score[0] == pytest.approx(detector.predict([png]).ood_score[0], abs=1e-9)
+    with pytest.raises(ValueError, match="expected a column 'image'.*got columns \\['img'\\]"):
+        rows_from_input({"img": [good]}, max_rows=5)
+
+
+def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(project, detector):
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = split_images(project, "test")[:16]
+    alone = detector.predict(images).ood_score
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda i: detector.predict(images[i:i + 1]).ood_score[0], range(16)))
+    np.testing.assert_allclose(together, alone, atol=1e-5)
 
 
 def test_score_cli_json_lines_give_evaluate_auroc(project, monkeypatch, capsys):
@@ -173,7 +204,7 @@ def test_a_finetuned_variant_predicts_through_its_own_image_model(tmp_path):
     (tmp_path / "reports").mkdir()
     (tmp_path / "reports" / "thresholds.json").write_text(json.dumps(
         {variant: {"score": "knn", "hyper": {"k": 3}, "tpr": 0.95, "threshold": -0.5}}))
-    detector = Detector.from_pipeline(variant, tmp_path / "models", tmp_path / "no-features",
+    detector = bundle.from_pipeline(variant, tmp_path / "models", tmp_path / "no-features",
                                       tmp_path / "reports", params)
     images = load_split(data, "ood").images
     got = detector.predict(images)
@@ -185,6 +216,6 @@ def test_a_finetuned_variant_predicts_through_its_own_image_model(tmp_path):
     knn = scores.make_score("knn", k=3).fit(train["feature"].numpy(), None)
     np.testing.assert_allclose(got.ood_score, knn.score(ood["feature"].numpy()), atol=1e-5)
     np.testing.assert_array_equal(got.class_index, ood["logits"].argmax(1).numpy())
-    loaded = Detector.load(detector.save(tmp_path / "bundle"))
+    loaded = bundle.load(bundle.save(detector, tmp_path / "bundle"))
     assert not (tmp_path / "bundle" / "backbone.safetensors").exists()  # it travels in head/
     np.testing.assert_array_equal(loaded.predict(images).ood_score, got.ood_score)

@@ -66,7 +66,7 @@ def test_equal_alpha_bounds_reduce_exactly_to_plain_mixup(shape):
     got = dyn(x, y, generator=torch.Generator().manual_seed(7))
     want = plain_mixup(x, y, 4, 0.3, 0.1, torch.Generator().manual_seed(7))
     plain = Mixup(4, 0.3, label_smoothing=0.1)(x, y, generator=torch.Generator().manual_seed(7))
-    for a, b, c in zip(got, want, plain):
+    for a, b, c in zip(got, want, plain, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
@@ -78,9 +78,9 @@ def test_mixing_is_the_reversed_batch_with_smoothed_targets():
     t = soft_targets(y, 3, 0.2)
     np.testing.assert_allclose(t[0].numpy(), [0.8 + 0.2 / 3, 0.2 / 3, 0.2 / 3], rtol=1e-6)
     for i in range(4):
-        l = lam[i].float()
-        assert torch.allclose(xm[i], l * x[i] + (1 - l) * x[3 - i])
-        assert torch.allclose(tm[i], l * t[i] + (1 - l) * t[3 - i])
+        w = lam[i].float()
+        assert torch.allclose(xm[i], w * x[i] + (1 - w) * x[3 - i])
+        assert torch.allclose(tm[i], w * t[i] + (1 - w) * t[3 - i])
     assert torch.allclose(tm.sum(1), torch.ones(4))
 
 
@@ -121,4 +121,4 @@ def test_same_generator_same_draws():
     mix = DynamicBetaMixup(3, 0.2, 1.5)
     a = mix(x, y, generator=torch.Generator().manual_seed(5))
     b = mix(x, y, generator=torch.Generator().manual_seed(5))
-    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))

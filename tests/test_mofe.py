@@ -5,8 +5,8 @@ import torch
 
 from mofe_ood import mofe
 from mofe_ood.mixup import DynamicBetaMixup
-from mofe_ood.mofe import (MLPExpert, MoFE, BlockExpert, class_groups, phase_loss, set_trainable,
-                           tokens_before_last_block, trainable_parameters)
+from mofe_ood.mofe import EXPERTS, BlockExpert, MLPExpert, MoFE, class_groups, register_expert, tokens_before_last_block
+from mofe_ood.training.phases import phase_loss, set_trainable, trainable_parameters
 
 GROUPS = [0, 1, 0, 2, 1, 2]  # 6 classes, 3 experts
 
@@ -186,3 +186,17 @@ def test_block_expert_reproduces_the_last_block_at_init(vit):
     assert not torch.equal(expert.block.mlp.fc1.weight, vit.blocks[-1].mlp.fc1.weight)
     with pytest.raises(ValueError, match="needs init_from"):
         BlockExpert(64)
+
+
+def test_expert_kinds_are_a_registry_with_one_signature():
+    assert EXPERTS["mlp"] is MLPExpert and EXPERTS["block"] is BlockExpert
+    assert not MLPExpert.reads_tokens and BlockExpert.reads_tokens
+    with pytest.raises(ValueError, match="registered already"):
+        register_expert("mlp")(BlockExpert)
+    with pytest.raises(ValueError, match="reads_tokens"):
+        register_expert("no_flag")(torch.nn.Identity)
+    assert "no_flag" not in EXPERTS
+    with pytest.raises(ValueError, match="not one of mlp, block"):
+        MoFE(8, 4, [0, 1, 0, 1], expert="transformer")
+    with pytest.raises(ValueError, match="'block' experts read the ViT trunk's tokens"):
+        MoFE(8, 4, [0, 1, 0, 1], expert="block", stem_blocks=1)

@@ -6,10 +6,10 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -18,18 +18,17 @@ import pytest
 import yaml
 
 from mofe_ood import cli, register
-from mofe_ood.inference import Detector, encode_png
+from mofe_ood.bench.serve import declared_png, free_port, request_body, start_server, stop_server
+from mofe_ood.images import encode_png
+from mofe_ood.params import merged
+from mofe_ood.serving import bundle
+from mofe_ood.serving.gate import Candidate, decide
+from mofe_ood.serving.tracking import tracking_uri
 from tests.tiny_pipeline import VARIANT, build, split_images, tiny_params
 
 NAME = "mofe-ood"
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def with_metrics(project: Path, dest: Path, **changes) -> Path:
@@ -211,25 +210,26 @@ def test_mofe_score_reads_the_registered_champion(registry, project, capsys):
 
 
 def test_gate_rules():
-    p = register.settings({})
-    old = register.Candidate(VARIANT, "knn", "near.auroc", 0.80, 0.95, "b1")
-    new = lambda **kw: register.Candidate(**{**vars(old), **kw})  # noqa: E731
-    assert register.decide(new(gate_value=0.81), "1", old, p).alias == "champion"
-    assert register.decide(new(gate_value=0.8005), "1", old, p).alias == "challenger"  # within the margin
-    assert register.decide(new(gate_value=0.81, id_accuracy=0.94), "1", old, p).alias == "challenger"
-    assert register.decide(new(gate_value=0.81, id_accuracy=0.946), "1", old, p).alias == "champion"
-    assert "other data" in register.decide(new(gate_value=0.9, benchmark="b2"), "1", old, p).reason
+    p = register.config(tiny_params())
+    old = Candidate(VARIANT, "knn", "near.auroc", 0.80, 0.95, "b1")
+    new = lambda **kw: Candidate(**{**vars(old), **kw})  # noqa: E731
+    gate = lambda c, champion=old: decide(c, "1", champion, p.margin, p.accuracy_tolerance)  # noqa: E731
+    assert gate(new(gate_value=0.81)).alias == "champion"
+    assert gate(new(gate_value=0.8005)).alias == "challenger"  # within the margin
+    assert gate(new(gate_value=0.81, id_accuracy=0.94)).alias == "challenger"
+    assert gate(new(gate_value=0.81, id_accuracy=0.946)).alias == "champion"
+    assert "other data" in gate(new(gate_value=0.9, benchmark="b2")).reason
     fpr = dict(gate_metric="far.fpr95", gate_value=0.30)
-    assert register.decide(new(**{**fpr, "gate_value": 0.20}), "1", new(**fpr), p).alias == "champion"
-    assert register.decide(new(**{**fpr, "gate_value": 0.40}), "1", new(**fpr), p).alias == "challenger"
+    assert gate(new(**{**fpr, "gate_value": 0.20}), new(**fpr)).alias == "champion"
+    assert gate(new(**{**fpr, "gate_value": 0.40}), new(**fpr)).alias == "challenger"
     with pytest.raises(register.ParamError, match="register.gate_metric"):
-        register.settings({"register": {"gate_metric": "near.accuracy"}})
+        register.config(merged(tiny_params(), {"register": {"gate_metric": "near.accuracy"}}))
 
 
 def test_a_dvc_experiment_never_takes_champion(monkeypatch):
-    p = register.settings({})
-    old = register.Candidate(VARIANT, "knn", "near.auroc", 0.80, 0.95, "b1")
-    better = register.Candidate(**{**vars(old), "gate_value": 0.90})
+    p = register.config(tiny_params())
+    old = Candidate(VARIANT, "knn", "near.auroc", 0.80, 0.95, "b1")
+    better = Candidate(**{**vars(old), "gate_value": 0.90})
     assert register.gate(better, "1", old, p).alias == "champion"
     monkeypatch.setenv("DVC_EXP_NAME", "sweep-7")
     decision = register.gate(better, "1", old, p)
@@ -241,51 +241,59 @@ def test_a_dvc_experiment_never_takes_champion(monkeypatch):
 def test_the_registry_is_the_projects_in_a_dvc_temp_workspace(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / "project"))
-    assert register.tracking_uri() == f"sqlite:///{tmp_path / 'project' / 'mlflow.db'}"
+    assert tracking_uri() == f"sqlite:///{tmp_path / 'project' / 'mlflow.db'}"
 
 
-def test_the_registered_model_serves_images_over_http(registry, project, tmp_path):
-    port = free_port()
-    env = dict(os.environ, MLFLOW_TRACKING_URI=registry["uri"], HF_HUB_OFFLINE="1",
-               MLFLOW_DISABLE_TELEMETRY="true", PATH=f"{BIN}:{os.environ.get('PATH', '')}")
-    log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True)
+def post(port: int, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
+                                     {"Content-Type": "application/json"})
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "server not up in 180 s"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                    break
-            except OSError:
-                time.sleep(1)
-        images = [split_images(project, "test")[0], split_images(project, "fmnist_near")[0]]
-        body = {"dataframe_split": {"columns": ["image"],
-                                    "data": [[base64.b64encode(encode_png(im)).decode()] for im in images]}}
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as response:
-            rows = json.loads(response.read())["predictions"]
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def test_the_served_model_answers_each_row(registry, project, tmp_path, capsys):
+    """4 rows in, 4 answers out: bad rows get their own error, the good ones what `mofe score` gives."""
+    images = [split_images(project, "test")[0], split_images(project, "fmnist_near")[0]]
+    files = []
+    for i, image in enumerate(images):
+        files.append(tmp_path / f"good{i}.png")
+        files[-1].write_bytes(encode_png(image))
+    assert cli.main(["score", *map(str, files), "--model", f"models:/{NAME}@champion"]) == 0
+    scored = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    rows = [b64(files[0].read_bytes()), "not base64!", b64(declared_png(9000, 9000)), b64(files[1].read_bytes())]
+    env = {"MLFLOW_TRACKING_URI": registry["uri"], "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    port = free_port()
+    server = start_server(f"models:/{NAME}@champion", port, tmp_path / "serve.log", env)
+    try:
+        status, answer = post(port, request_body(rows))
+        # A decompression bomb (50,000 x 50,000 declared) is one bad row; the server goes on.
+        bomb_status, bomb = post(port, request_body([b64(declared_png(50_000, 50_000))]))
+        after_status, after = post(port, request_body([rows[0]]))
+        # Malformed as a request: refused whole, saying what is expected.
+        columns_status, columns = post(port, json.dumps({"dataframe_split": {"columns": ["picture"],
+                                                                             "data": [[rows[0]]]}}).encode())
+        json_status, _ = post(port, b"{not json")
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(5)
-        log.close()
-    detector = Detector.from_pipeline(VARIANT, project / "models", project / "data" / "features",
-                                      project / "reports", tiny_params())
-    expected = detector.predict(images).records()
-    assert len(rows) == 2
-    for row, want in zip(rows, expected):
-        assert row["class"] == want["class"] and row["is_ood"] == want["is_ood"]
-        assert row["ood_score"] == pytest.approx(want["ood_score"], abs=1e-5)
-        assert len(row["probabilities"]) == len(detector.classes)
+        stop_server(server)
+    assert status == 200, answer
+    got = answer["predictions"]
+    assert len(got) == 4
+    for row, want in zip([got[0], got[3]], scored):
+        assert row["error"] is None and row["class"] == want["class"] and row["is_ood"] == want["is_ood"]
+        assert row["ood_score"] == pytest.approx(want["ood_score"], abs=1e-6)
+        assert row["probability"] == pytest.approx(want["probability"], abs=1e-6)
+    assert got[1]["error"].startswith("not base64") and got[1]["class"] is None
+    assert got[2]["error"].startswith("image too large: 9000x9000 pixels") and got[2]["ood_score"] is None
+    assert bomb_status == 200 and bomb["predictions"][0]["error"].startswith("image too large: 2,500,000,000 pixels")
+    assert after_status == 200 and after["predictions"][0]["ood_score"] == pytest.approx(got[0]["ood_score"],
+                                                                                         abs=1e-6)
+    assert columns_status == 400 and "expected a column 'image'" in columns["message"], columns
+    assert json_status == 400
 
 
 def chromium(*args: str, timeout: int = 90) -> str:

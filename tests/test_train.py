@@ -7,46 +7,18 @@ import pytest
 import torch
 
 from mofe_ood import train
-from mofe_ood.params import ParamError
-
-# Small enough to train every variant in seconds, long enough to converge.
-TINY = {"epochs": 10, "expert_epochs": 4, "router_epochs": 4, "batch_size": 32, "hidden_features": 64,
-        "lr": 5e-3, "linear_lr": 3e-2, "mofe": {"num_experts": 3}, "num_threads": 1}
-
-
-def synthetic_features(root: Path, seed: int = 0, classes: int = 6, dim: int = 8, per_class: int = 100,
-                       val_per_class: int = 30, blobs: int = 3) -> Path:
-    """extract's layout; every class is a mixture of Gaussian blobs (not linearly separable)."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(classes, blobs, dim)) * 3.0
-    root.mkdir(parents=True, exist_ok=True)
-    splits = {}
-    for split, n in (("train", per_class), ("val", val_per_class)):
-        labels = np.repeat(np.arange(classes), n)
-        x = centres[labels, rng.integers(blobs, size=len(labels))] + rng.normal(size=(len(labels), dim)) * 0.5
-        np.savez(root / f"{split}.npz", features=x.astype(np.float32), labels=labels.astype(np.int64))
-        splits[split] = {"kind": "id", "group": None, "count": len(labels)}
-    info = {"backbone": "synthetic", "weights": "random", "image_size": 0, "feature_dim": dim,
-            "classes": [f"class{i}" for i in range(classes)], "splits": splits}
-    (root / "info.json").write_text(json.dumps(info))
-    return root
-
-
-def params(**train_overrides):
-    from mofe_ood.params import merged
-
-    return {"base": {"seed": 0}, "train": merged(TINY, train_overrides)}
-
+from mofe_ood.params import ParamError, merged
+from mofe_ood.training import heads, loop
 
 @pytest.fixture(scope="module")
-def features(tmp_path_factory):
+def features(tmp_path_factory, synthetic_features):
     return synthetic_features(tmp_path_factory.mktemp("features"))
 
 
 @pytest.fixture(scope="module")
-def trained(features, tmp_path_factory):
+def trained(features, tmp_path_factory, train_params):
     models = tmp_path_factory.mktemp("run") / "models"
-    summary = train.run(params(), features, models)
+    summary = train.run(train_params(), features, models)
     return models, summary
 
 
@@ -63,12 +35,12 @@ def history(path: Path) -> list[dict]:
 def test_every_variant_writes_its_files_and_loads_back(features, trained):
     models, summary = trained
     x, y = val_data(features)
-    assert sorted(summary) == sorted(train.VARIANTS)
+    assert sorted(summary) == sorted(heads.VARIANTS)
     assert json.loads((models / "metrics.json").read_text()) == summary
-    for variant in train.VARIANTS:
+    for variant in heads.VARIANTS:
         folder = models / variant
         assert sorted(p.name for p in folder.iterdir()) == ["config.json", "history.csv", "model.safetensors"]
-        model, cfg = train.load_model(folder)
+        model, cfg = heads.load_model(folder)
         assert cfg["variant"] == variant and cfg["classes"] == [f"class{i}" for i in range(6)]
         assert cfg["params"]["seed"] == 0 and cfg["params"]["train"]["epochs"] == 10
         with torch.no_grad():
@@ -82,9 +54,9 @@ def test_every_variant_writes_its_files_and_loads_back(features, trained):
         assert float(rows[-1]["val_accuracy"]) == cfg["val_accuracy"]
         assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1))
     with torch.no_grad():
-        assert torch.equal(train.load_model(models / "linear")[0](x)["feature"], x)
-        assert train.load_model(models / "mlp")[0](x)["feature"].shape == (len(x), 64)
-        out = train.load_model(models / "mofe_dynmix")[0](x)
+        assert torch.equal(heads.load_model(models / "linear")[0](x)["feature"], x)
+        assert heads.load_model(models / "mlp")[0](x)["feature"].shape == (len(x), 64)
+        out = heads.load_model(models / "mofe_dynmix")[0](x)
     assert out["feature"].shape == (len(x), 8) and torch.equal(out["gates"].sum(1), torch.ones(len(x)))
     cfg = json.loads((models / "mofe" / "config.json").read_text())
     assert len(cfg["groups"]) == 6 and sorted(set(cfg["groups"])) == [0, 1, 2]
@@ -109,27 +81,28 @@ def test_mofe_dynmix_is_at_least_as_accurate_as_the_linear_probe(trained):
     assert summary["mlp"]["val_accuracy"] > summary["linear"]["val_accuracy"]  # the task is non-linear
 
 
-def test_same_seed_same_weights_and_metrics(features, trained, tmp_path):
+def test_same_seed_same_weights_and_metrics(features, trained, tmp_path, train_params):
     models, summary = trained
-    again = train.run(params(variants=["linear", "mofe_dynmix"]), features, tmp_path / "models")
+    again = train.run(train_params(variants=["linear", "mofe_dynmix"]), features, tmp_path / "models")
     for variant in ("linear", "mofe_dynmix"):
         assert again[variant]["val_accuracy"] == summary[variant]["val_accuracy"]
         assert (tmp_path / "models" / variant / "model.safetensors").read_bytes() == \
             (models / variant / "model.safetensors").read_bytes()
         assert (tmp_path / "models" / variant / "history.csv").read_text() == \
             (models / variant / "history.csv").read_text()
-    other = {"base": {"seed": 1}, "train": params(variants=["linear"])["train"]}
+    other = merged(train_params(variants=["linear"]), {"base": {"seed": 1}})
     train.run(other, features, tmp_path / "seed1")
     assert (tmp_path / "seed1" / "linear" / "model.safetensors").read_bytes() != \
         (models / "linear" / "model.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize("stop_after", [12, 10])  # mid-phase 2; exactly at the end of phase 1
-def test_a_resumed_run_equals_an_uninterrupted_one(features, trained, tmp_path, monkeypatch, stop_after):
+def test_a_resumed_run_equals_an_uninterrupted_one(features, trained, tmp_path, monkeypatch, stop_after,
+                                                   train_params):
     models, summary = trained
     ckpt = tmp_path / "ckpt"
-    p = params(variants=["mofe_dynmix"], checkpoint_dir=str(ckpt))
-    save, calls = train._save_checkpoint, []
+    p = train_params(variants=["mofe_dynmix"], checkpoint_dir=str(ckpt))
+    save, calls = loop.save_checkpoint, []
 
     def save_then_die(*args, **kwargs):
         save(*args, **kwargs)
@@ -137,11 +110,11 @@ def test_a_resumed_run_equals_an_uninterrupted_one(features, trained, tmp_path, 
         if len(calls) == stop_after:
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(train, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train.run(p, features, tmp_path / "models")
     assert (ckpt / "mofe_dynmix" / "state.json").is_file() and not (tmp_path / "models").exists()
-    monkeypatch.setattr(train, "_save_checkpoint", save)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
     resumed = train.run(p, features, tmp_path / "models")
     assert resumed["mofe_dynmix"]["epochs"] == 26
     assert (tmp_path / "models" / "mofe_dynmix" / "model.safetensors").read_bytes() == \
@@ -151,9 +124,9 @@ def test_a_resumed_run_equals_an_uninterrupted_one(features, trained, tmp_path, 
     assert not (ckpt / "mofe_dynmix").exists()  # done: the checkpoint is removed
 
 
-def test_checkpoint_of_other_params_is_ignored(features, tmp_path):
+def test_checkpoint_of_other_params_is_ignored(features, tmp_path, train_params):
     ckpt = tmp_path / "ckpt"
-    small = params(variants=["linear"], epochs=2, checkpoint_dir=str(ckpt))
+    small = train_params(variants=["linear"], epochs=2, checkpoint_dir=str(ckpt))
     train.run(small, features, tmp_path / "a")
     (ckpt / "linear").mkdir(parents=True)  # left behind by a run of other params
     (ckpt / "linear" / "state.json").write_text(json.dumps({"fingerprint": "other", "step": 0, "epoch": 1}))
@@ -164,10 +137,10 @@ def test_checkpoint_of_other_params_is_ignored(features, tmp_path):
 
 @pytest.mark.parametrize("mofe", [{"training": "joint"}, {"router": "soft", "top_k": 2},
                                   {"groups": "agglomerative", "group_table": [0, 0, 1, 1, 2, 2]}])
-def test_mofe_options_train_and_load(features, tmp_path, mofe):
-    p = params(variants=["mofe"], epochs=3, expert_epochs=1, router_epochs=1, mofe=mofe)
+def test_mofe_options_train_and_load(features, tmp_path, mofe, train_params):
+    p = train_params(variants=["mofe"], epochs=3, expert_epochs=1, router_epochs=1, mofe=mofe)
     summary = train.run(p, features, tmp_path / "models")
-    model, cfg = train.load_model(tmp_path / "models" / "mofe")
+    model, cfg = heads.load_model(tmp_path / "models" / "mofe")
     if "group_table" in mofe:
         assert cfg["groups"] == [0, 0, 1, 1, 2, 2]
     x, _ = val_data(features)
@@ -196,20 +169,21 @@ def test_mofe_options_train_and_load(features, tmp_path, mofe):
     ({"dynmix": {"difficulty": "vibes"}}, "train.dynmix.difficulty"),
     ({"dynmix": {"momentum": 1.0}}, "train.dynmix.momentum"),
 ])
-def test_bad_params_fail_before_training_naming_the_param(features, tmp_path, monkeypatch, override, name):
+def test_bad_params_fail_before_training_naming_the_param(features, tmp_path, monkeypatch, override, name,
+                                                         train_params):
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
 
     monkeypatch.setattr(train, "train_variant", no_training)
     with pytest.raises(ParamError, match=name.replace(".", r"\.")):
-        train.run(params(**override), features, tmp_path / "models")
+        train.run(train_params(**override), features, tmp_path / "models")
     assert not (tmp_path / "models").exists()
 
 
 @pytest.mark.parametrize("dynmix", [{"accuracy_from": "train"}, {"difficulty": "counts"},
                                     {"alpha_min": 0.4, "alpha_max": 0.4}])
-def test_dynmix_options(features, tmp_path, dynmix):
-    p = params(variants=["mofe_dynmix"], epochs=3, expert_epochs=1, router_epochs=1, dynmix=dynmix)
+def test_dynmix_options(features, tmp_path, dynmix, train_params):
+    p = train_params(variants=["mofe_dynmix"], epochs=3, expert_epochs=1, router_epochs=1, dynmix=dynmix)
     train.run(p, features, tmp_path / "models")
     alphas = {tuple(float(r[f"alpha_{c}"]) for c in range(6))
               for r in history(tmp_path / "models" / "mofe_dynmix" / "history.csv")}
@@ -217,3 +191,56 @@ def test_dynmix_options(features, tmp_path, dynmix):
         assert len(alphas) > 1
     else:  # balanced counts -> every class at alpha_max, for good; equal bounds -> plain mixup
         assert alphas == {(dynmix.get("alpha_max", 1.0),) * 6}
+
+
+def test_the_train_section_is_params_yaml_with_no_default_in_code(train_params):
+    p = train_params()
+    cfg = train.config(p)
+    assert cfg.mofe.num_experts == 3 and cfg.dynmix.alpha_max == 1.0 and cfg.epochs == 10
+    with pytest.raises(ParamError, match=r"train\.epoch: not a known key \(did you mean train\.epochs\?\)"):
+        train.config(merged(p, {"train": {"epoch": 3}}))
+    del p["train"]["mofe"]["router"]
+    with pytest.raises(ParamError, match=r"train\.mofe\.router: missing"):
+        train.config(p)
+
+
+@pytest.fixture
+def toy_expert():
+    """A new expert kind, registered as a user would: one class with the shared signature."""
+    from torch import nn
+
+    from mofe_ood import mofe
+
+    @mofe.register_expert("toy_residual")
+    class ToyResidual(nn.Module):
+        """x + Wx: the smallest residual expert."""
+
+        reads_tokens = False
+
+        def __init__(self, dim, hidden_features=None, drop=0.0, init_from=None):
+            super().__init__()
+            self.fc = nn.Linear(dim, dim)
+            if init_from is not None:
+                self.load_state_dict(init_from.state_dict())
+
+        def forward(self, x):
+            return x + self.fc(x)
+
+    yield ToyResidual
+    del mofe.EXPERTS["toy_residual"]
+
+
+def test_a_registered_expert_kind_trains_a_mofe_and_loads_back(features, tmp_path, train_params, toy_expert):
+    p = train_params(variants=["mofe"], epochs=4, expert_epochs=2, router_epochs=2, mofe={"expert": "toy_residual"})
+    summary = train.run(p, features, tmp_path / "models")
+    assert summary["mofe"]["epochs"] == 4 + 3 * 2 + 2
+    model, cfg = heads.load_model(tmp_path / "models" / "mofe")
+    assert cfg["architecture"]["expert"] == "toy_residual"
+    assert [type(e) for e in model.experts] == [toy_expert] * 3
+    x, y = val_data(features)
+    with torch.no_grad():
+        out = model(x)
+    accuracy = float((out["logits"].argmax(1) == y).double().mean())
+    assert accuracy == cfg["val_accuracy"] and accuracy > 0.5  # 6 classes: chance is 1/6
+    w = [e.fc.weight for e in model.experts]
+    assert not torch.equal(w[0], w[1]) and not torch.equal(w[1], w[2])  # each expert trained on its own group

@@ -1,4 +1,4 @@
-"""Data-parallel training (mofe_ood/distributed.py): 2 gloo processes under torchrun train the
+"""Data-parallel training (mofe_ood/training/distributed.py): 2 gloo processes under torchrun train the
 same weights as one process.
 
 Tolerance 1e-5 (absolute, weights and every history column): float32 rounding
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from mofe_ood import distributed, train
-from tests.test_train import params, synthetic_features
+from mofe_ood import train
+from mofe_ood.training import distributed
 
 VARIANTS = ["mlp", "mofe_dynmix"]
 # batch 33 of 600 rows splits 16 / 17; with groups of 100 / 200 / 300 rows, phase 2 of expert 0
@@ -34,15 +34,15 @@ def history(path):
 
 
 @pytest.fixture(scope="module")
-def features(tmp_path_factory):
+def features(tmp_path_factory, synthetic_features):
     # harder than test_train's blobs: accuracies well below 1, so they can tell runs apart
     return synthetic_features(tmp_path_factory.mktemp("features"), dim=6, blobs=5)
 
 
-def test_two_gloo_processes_train_what_one_process_does(features, tmp_path, monkeypatch):
+def test_two_gloo_processes_train_what_one_process_does(features, tmp_path, monkeypatch, train_params):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the workers use gloo on the CPU, also on a GPU machine
-    one = train.run(params(**DDP), features, tmp_path / "one")
-    two = train.run(params(processes=2, **DDP), features, tmp_path / "two")  # torchrun, 2 processes
+    one = train.run(train_params(**DDP), features, tmp_path / "one")
+    two = train.run(train_params(processes=2, **DDP), features, tmp_path / "two")  # torchrun, 2 processes
 
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted([*VARIANTS, "metrics.json"])
     assert json.loads((tmp_path / "two" / "metrics.json").read_text()) == two
@@ -74,11 +74,15 @@ def test_global_batch_dropout_is_the_rank_rows_of_one_process_mask():
     whole = F.dropout(x, 0.3, True)
     parts = []
     for rank in range(2):
-        world = distributed.World(rank=rank, size=2)
-        world.batch, world.batch_size = world.part(33), 33
+        rows = distributed.World(rank=rank, size=2).part(33)
+        model = distributed.use_global_batch_dropout(torch.nn.Sequential(torch.nn.Dropout(0.3))).train()
         torch.manual_seed(5)
-        parts.append(distributed.GlobalBatchDropout(0.3, world).train()(x[world.batch]))
+        with distributed.global_batch(model, rows, 33):
+            parts.append(model(x[rows]))
+        assert model[0].rows is None  # the rows hold for that block only
     assert torch.equal(torch.cat(parts), whole)
+    torch.manual_seed(5)
+    assert torch.equal(model(x), whole)  # outside a block: plain dropout
 
 
 @pytest.mark.parametrize("size", [1, 2, 3])
@@ -91,15 +95,15 @@ def test_rank_parts_cover_every_batch_once(size):
 
 def test_how_many_processes(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert distributed.processes({"gpus": 4, "processes": None}) == 1  # no GPU: one process, as always
-    assert distributed.processes({"gpus": 1, "processes": 3}) == 3     # forced: gloo on the CPU
+    assert distributed.processes(gpus=4, requested=None) == 1  # no GPU: one process, as always
+    assert distributed.processes(gpus=1, requested=3) == 3     # forced: gloo on the CPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert distributed.processes({"gpus": 4, "processes": None}) == 4
-    assert distributed.processes({"gpus": 1, "processes": None}) == 1
+    assert distributed.processes(gpus=4, requested=None) == 4
+    assert distributed.processes(gpus=1, requested=None) == 1
 
 
-def test_bad_process_count_fails_naming_the_param(features, tmp_path):
+def test_bad_process_count_fails_naming_the_param(features, tmp_path, train_params):
     from mofe_ood.params import ParamError
 
     with pytest.raises(ParamError, match=r"train\.processes"):
-        train.run(params(processes=0), features, tmp_path / "models")
+        train.run(train_params(processes=0), features, tmp_path / "models")

@@ -2,12 +2,12 @@
 
 `python -m mofe_ood.bench gpu [--models small,base] [--batch-size 64] [--steps 20] [--warmup 5]
  [--image-size 224] [--params params.yaml]`
-Random weights (pretrained=False: no download). Fine-tuning runs finetune.py's own model
+Random weights (pretrained=False: no download). Fine-tuning runs training/finetuning.py's own model
 (FinetunedMoFE, block experts), param groups, loss, mixup and bf16 autocast for each of its
 three phases (base, experts, router) on one fixed batch already on the GPU: no data loading
 (`bench extract` times that). Extraction is extract.load_model's model (fp32, TF32 off) under
 inference_mode. DDP: the base phase in one process per GPU (NCCL), gradients summed as
-train.py's data-parallel training does (`World.sum_grads`); the batch is per GPU.
+the training loop's data parallelism does (`World.sum_grads`); the batch is per GPU.
 Without a GPU it says so and exits 0.
 """
 
@@ -18,37 +18,33 @@ import os
 import socket
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from mofe_ood import distributed, finetune
-from mofe_ood import mofe as mofe_mod
 from mofe_ood import params as params_mod
-from mofe_ood import train as train_mod
 from mofe_ood.backbones import create_backbone, pooled_features
+from mofe_ood.training import distributed, finetuning
+from mofe_ood.training.heads import make_mixup
+from mofe_ood.training.loop import Step
+from mofe_ood.training.settings import finetune_config, train_config
 
 MODELS = {k: f"vit_{k}_patch14_dinov2" for k in ("small", "base", "large", "giant")}
 NUM_CLASSES = 7  # the default benchmark's
 DDP_TIMEOUT_S = 600  # a hung NCCL rank must not hold the machine forever
 
 
-def build(name: str, image_size: int, device, params: dict | None = None, **backbone_kwargs):
-    """finetune.run's model (random weights, class groups c % E): -> (FinetunedMoFE, finetune p, train p)."""
-    params = params or {}
-    p, tp = finetune.config(params), train_mod.config(params)
+def build(name: str, image_size: int, device, params: dict, **backbone_kwargs):
+    """Fine-tuning's model (random weights, class groups c % E): -> (FinetunedMoFE, finetune cfg, train cfg)."""
+    p, tp = finetune_config(params), train_config(params)
     backbone = create_backbone(MODELS.get(name, name), "random", image_size, num_classes=0,
-                               drop_path_rate=p["drop_path"], **backbone_kwargs).to(device)
-    m = tp["mofe"]
-    groups = np.arange(NUM_CLASSES) % m["num_experts"]
-    mofe = mofe_mod.MoFE(backbone.num_features, NUM_CLASSES, groups, expert="block", router=m["router"],
-                         top_k=m["top_k"], init_from=backbone)
-    return finetune.FinetunedMoFE(backbone, mofe).to(device), p, tp
+                               drop_path_rate=p.drop_path, **backbone_kwargs).to(device)
+    groups = np.arange(NUM_CLASSES) % tp.mofe.num_experts
+    return finetuning.build(backbone, groups, NUM_CLASSES, tp).to(device), p, tp
 
 
 def as_finetune_runs() -> None:
-    """The CUDA settings finetune.run makes: the bench times the stage as it runs."""
+    """The CUDA settings finetuning.run makes: the bench times the stage as it runs."""
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
 
@@ -73,27 +69,28 @@ def _timed(fn, steps: int, warmup: int, device, world: distributed.World | None 
     return time.perf_counter() - start, out, torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
 
 
-def time_finetune(model, p: dict, tp: dict, phase: str, batch_size: int, steps: int, warmup: int, device,
+def time_finetune(model, p, tp, phase: str, batch_size: int, steps: int, warmup: int, device,
                   world: distributed.World | None = None, seed: int = 0) -> dict:
-    """Training steps of `phase` as finetune.run takes them, on one random batch. -> images_per_s (all
+    """Training steps of `phase` as finetuning.run takes them, on one random batch. -> images_per_s (all
     ranks; experts: in-group images, each paired with an out-of-group one), loss (the last), peak_gib."""
-    step = train_mod.Step(phase, 1, 0 if phase == "experts" else None)
-    optimizer = torch.optim.AdamW(finetune._param_groups(model, step, p), lr=p["lr"], betas=(0.9, 0.99))
-    for g in optimizer.param_groups:  # peak lr, the layer-wise decay as run applies it
-        g["lr"] = p["lr"] * g.get("lr_scale", 1.0)
+    step = Step(phase, 1, 0 if phase == "experts" else None)
+    optimizer = torch.optim.AdamW(finetuning.param_groups(model, step, p), lr=p.lr, betas=(0.9, 0.99))
+    for g in optimizer.param_groups:  # peak lr, the layer-wise decay as the loop applies it
+        g["lr"] = p.lr * g.get("lr_scale", 1.0)
     trainable = [q for q in model.parameters() if q.requires_grad]
-    mixup = finetune._mixup(p, tp, NUM_CLASSES, np.ones(NUM_CLASSES, np.int64))
+    mixup = make_mixup(p.mixup, NUM_CLASSES, np.ones(NUM_CLASSES, np.int64), p.label_smoothing, tp.mixup_alpha,
+                       tp.dynmix)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, 3, *model.backbone.patch_embed.img_size, generator=gen).to(device)
     groups = model.mofe.groups
-    # phase 2 sees its expert's classes, paired 1:1 with other classes' images (train._batches)
+    # phase 2 sees its expert's classes, paired 1:1 with other classes' images (loop.batches)
     pick = np.flatnonzero(groups == 0) if phase == "experts" else np.arange(NUM_CLASSES)
     y = torch.from_numpy(pick[np.arange(batch_size) % len(pick)]).to(device)
     x_other = torch.randn_like(x) if phase == "experts" and (groups != 0).any() else None
 
     def one_step() -> torch.Tensor:
-        with finetune._autocast(torch.device(device), p):
-            loss = finetune._loss(model, step, x, y, x_other, mixup, gen, p, tp, NUM_CLASSES)
+        with finetuning.autocast(torch.device(device), p):
+            loss = finetuning.loss(model, step, x, y, x_other, mixup, gen, p, tp)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if world is not None:
@@ -159,8 +156,11 @@ def table(rows: list[tuple]) -> str:
     cells = [("model", "phase", "batch", "images/s", "peak GiB")] + [
         (m, ph, str(b), f"{ips:.1f}", "-" if gib is None else f"{gib:.2f}") for m, ph, b, ips, gib in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(5)]
-    lines = ["| " + " | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
-             for r in cells]
+    def line(r):
+        return "| " + " | ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(r, widths, strict=True))) + " |"
+
+    lines = [line(r) for r in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 1) + ("-" if i < 2 else ":") for i, w in enumerate(widths)) + "|")
     return "\n".join(lines)
 
@@ -172,7 +172,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--params", default="params.yaml", help="its finetune and train sections, if present")
+    parser.add_argument("--params", default="params.yaml", help="its finetune and train sections")
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not torch.cuda.is_available():
@@ -180,13 +180,12 @@ def main(argv: list[str]) -> int:
               f"fine-tuning (block experts, bf16) and extraction of {', '.join(models)} at {args.image_size} px, "
               f"batch {args.batch_size}: images/s and peak GiB, and DDP scaling over all GPUs")
         return 0
-    loaded = params_mod.load(args.params) if Path(args.params).is_file() else {}
-    params = {k: loaded[k] for k in ("finetune", "train") if k in loaded}
+    params = params_mod.load(args.params)
     gpus, bs = torch.cuda.device_count(), args.batch_size
     print(f"{gpus} x {torch.cuda.get_device_name(0)}, torch {torch.__version__}, {args.image_size} px, "
           f"{args.steps} timed steps after {args.warmup} warm-up, random weights", flush=True)
     as_finetune_runs()
-    rows = []
+    rows, single = [], None
     for name in models:
         model, p, tp = build(name, args.image_size, "cuda", params)
         for phase in ("base", "experts", "router"):

@@ -19,7 +19,9 @@ from PIL import Image
 
 from mofe_ood import params as params_mod
 from mofe_ood.cli import parse_set
-from mofe_ood.inference import Detector, list_images, load_detector, score_files
+from mofe_ood.images import list_images
+from mofe_ood.serving.bundle import load_detector
+from mofe_ood.serving.detector import Detector, score_files
 
 
 def synthetic_detector(params: dict, bank_size: int = 7000) -> Detector:

@@ -16,12 +16,15 @@ import numpy as np
 import torch
 
 from mofe_ood import params as params_mod
-from mofe_ood import train
 from mofe_ood.cli import parse_set
+from mofe_ood.config import base
+from mofe_ood.training.data import Data, load_data
+from mofe_ood.training.head_training import train_variant
+from mofe_ood.training.settings import train_config
 
 
 def synthetic_data(classes: int = 7, dim: int = 1280, train_per_class: int = 1000, val_per_class: int = 200,
-                   seed: int = 0) -> train.Data:
+                   seed: int = 0) -> Data:
     """Class Gaussian clusters of non-negative features (as EfficientNet's) at the benchmark's size."""
     rng = np.random.default_rng(seed)
     centres = rng.gamma(1.0, 0.4, size=(classes, dim))
@@ -31,7 +34,7 @@ def synthetic_data(classes: int = 7, dim: int = 1280, train_per_class: int = 100
         x = np.clip(centres[labels] + rng.normal(scale=0.5, size=(len(labels), dim)), 0, 6)
         return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(labels)
 
-    return train.Data(*draw(train_per_class), *draw(val_per_class), [f"class{i}" for i in range(classes)])
+    return Data(*draw(train_per_class), *draw(val_per_class), [f"class{i}" for i in range(classes)])
 
 
 def main(argv: list[str]) -> int:
@@ -42,28 +45,27 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: train.num_threads)")
     parser.add_argument("--set", action="append", default=[])
     args = parser.parse_args(argv)
-    params = params_mod.load(args.params) if Path(args.params).is_file() else {}
-    params = params_mod.merged(params, parse_set(args.set))
+    params = params_mod.merged(params_mod.load(args.params), parse_set(args.set))
     if args.epochs:
         params = params_mod.merged(params, {"train": {k: args.epochs for k in
                                                       ("epochs", "expert_epochs", "router_epochs")}})
-    p = train.config(params)
-    seed = int((params.get("base") or {}).get("seed", 0))
+    cfg, seed = train_config(params), base(params).seed
     if (Path(args.features) / "train.npz").is_file():
-        data, source = train.load_data(args.features), args.features
+        data, source = load_data(args.features), args.features
     else:
         data, source = synthetic_data(), "SYNTHETIC features (no train.npz in " + args.features + ")"
-    train.check_against_data(p, data.num_classes)
-    threads = args.threads or p["num_threads"]
+    if any(v.startswith("mofe") for v in cfg.variants):
+        cfg.mofe.check_data(data.num_classes)
+    threads = args.threads or cfg.num_threads
     if threads:
         torch.set_num_threads(threads)
     print(f"features: {source}: {len(data.x_train)} train x {data.x_train.shape[1]}, "
           f"{len(data.x_val)} val, {data.num_classes} classes; {torch.get_num_threads()} torch threads")
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # pay torch's one-time optimizer import here
     total = 0.0
-    for variant in p["variants"]:
+    for variant in cfg.variants:
         start = time.perf_counter()
-        _, _, history = train.train_variant(variant, p, data, seed)
+        _, _, history = train_variant(variant, cfg, data, seed)
         seconds = time.perf_counter() - start
         total += seconds
         phases = {}

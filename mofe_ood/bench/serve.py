@@ -1,0 +1,291 @@
+"""The registered model under load: `mlflow models serve` on loopback, bounded (ours).
+
+`python -m mofe_ood.bench serve [--model models:/mofe-ood@champion] [--clients 8]
+[--requests 5000] [--batch-clients 4] [--batches 25] [--batch-size 32] [--bad-every 20]`
+from the project root after `make run` (it reads the project's registry, mlflow.db, and
+the benchmark's test images, data/prepared). It starts the model with `mlflow models
+serve --env-manager local` on 127.0.0.1 and a free port, sends
+
+1. `requests` single-image requests from `clients` threads (keep-alive connections);
+2. `batches` requests of `batch_size` rows from each of `batch-clients` threads;
+
+where every `bad-every`-th row is bad, cycling through: not base64, a truncated PNG, a
+PNG declaring 50,000 x 50,000 pixels. It samples the server's memory (RSS of its whole
+process group) every 0.1 s, stops the server by its process group, and prints requests/s,
+images/s, p50/p95/p99 latency per phase, per-row errors by kind (bad rows must all get
+one, good rows none), and the peak RSS overall and over the first and the last 1,000
+requests. Nothing leaves the machine; each phase is bounded in count and by --timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import zlib
+from pathlib import Path
+
+ROW_KINDS = ("not base64", "truncated", "too many pixels")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, port: int, log_path: Path, env: dict | None = None,
+                 timeout: float = 180) -> subprocess.Popen:
+    """`mlflow models serve` for `model` on 127.0.0.1:`port`, in its own process group, once /ping answers."""
+    mlflow = Path(sys.executable).with_name("mlflow")
+    log = open(log_path, "w")
+    server = subprocess.Popen(
+        [str(mlflow), "models", "serve", "-m", model, "--env-manager", "local", "-h", "127.0.0.1",
+         "-p", str(port)], env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    log.close()
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.poll() is not None:
+            raise RuntimeError(f"mlflow models serve exited ({server.returncode}): "
+                               f"{log_path.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            stop_server(server)
+            raise TimeoutError(f"mlflow models serve did not answer /ping in {timeout:.0f} s; see {log_path}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                return server
+        except OSError:
+            time.sleep(0.5)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (the CLI and its uvicorn workers), SIGKILL after 15 s."""
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(15)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(5)
+    except ProcessLookupError:
+        pass
+
+
+def group_rss(pgid: int) -> int:
+    """Bytes resident in all processes of process group `pgid` (Linux /proc)."""
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            for line in Path(entry.path, "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def declared_png(width: int, height: int) -> bytes:
+    """A valid PNG header declaring width x height 1-bit pixels with almost no data (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 8))
+            + chunk(b"IEND", b""))
+
+
+def bad_row(kind: str, good_png: bytes) -> str:
+    if kind == "not base64":
+        return "this is not base64!"
+    if kind == "truncated":
+        return base64.b64encode(good_png[: len(good_png) // 2]).decode()
+    return base64.b64encode(declared_png(50_000, 50_000)).decode()
+
+
+class Load:
+    """Requests from client threads; latencies, errors and the server's memory, recorded as they come."""
+
+    def __init__(self, port: int, server_pid: int):
+        self.port, self.pid = port, server_pid
+        self.lock = threading.Lock()
+        self.done = 0
+        self.rss_by_request: list[tuple[int, int]] = []  # (requests done, RSS bytes)
+        self.stop_sampling = threading.Event()
+
+    def sample_memory(self) -> None:
+        while not self.stop_sampling.wait(0.1):
+            rss = group_rss(self.pid)
+            with self.lock:
+                self.rss_by_request.append((self.done, rss))
+
+    def client(self, bodies: list[tuple[bytes, list[str | None]]], out: list, deadline: float) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        for body, kinds in bodies:
+            if time.monotonic() > deadline:
+                break
+            start = time.perf_counter()
+            conn.request("POST", "/invocations", body, {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            payload = response.read()
+            seconds = time.perf_counter() - start
+            rows = json.loads(payload)["predictions"] if response.status == 200 else None
+            out.append((seconds, response.status, kinds, rows))
+            with self.lock:
+                self.done += 1
+        conn.close()
+
+
+def request_body(rows: list[str]) -> bytes:
+    return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[r] for r in rows]}}).encode()
+
+
+def plan(images: list[bytes], n_requests: int, rows_per_request: int, bad_every: int, start: int = 0):
+    """Request bodies with their rows' kinds (None = good); every `bad_every`-th row bad, kinds cycling."""
+    encoded = [base64.b64encode(png).decode() for png in images]
+    bodies, index, bad = [], start, 0
+    for _ in range(n_requests):
+        rows, kinds = [], []
+        for _ in range(rows_per_request):
+            index += 1
+            if bad_every and index % bad_every == 0:
+                kind = ROW_KINDS[bad % len(ROW_KINDS)]
+                bad += 1
+                rows.append(bad_row(kind, images[index % len(images)]))
+                kinds.append(kind)
+            else:
+                rows.append(encoded[index % len(encoded)])
+                kinds.append(None)
+        bodies.append((request_body(rows), kinds))
+    return bodies
+
+
+def run_phase(load: Load, bodies: list, clients: int, timeout: float) -> dict:
+    results: list = []
+    per_client = [bodies[i::clients] for i in range(clients)]
+    deadline = time.monotonic() + timeout
+    start = time.perf_counter()
+    threads = [threading.Thread(target=load.client, args=(b, results, deadline)) for b in per_client]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return summarize(results, time.perf_counter() - start)
+
+
+def error_kind(message: str) -> str:
+    """'image too large: 50000x50000 pixels (limit ...)' -> 'image too large'."""
+    return message.split(":")[0].split(" (")[0]
+
+
+def summarize(results: list, seconds: float) -> dict:
+    latencies = sorted(r[0] for r in results)
+    errors: dict[str, int] = {}
+    good_rows = good_errors = bad_rows = bad_answered = http_errors = 0
+    for _, status, kinds, rows in results:
+        if rows is None:
+            http_errors += 1
+            continue
+        for kind, row in zip(kinds, rows):
+            if row.get("error"):
+                kind = error_kind(row["error"])
+                errors[kind] = errors.get(kind, 0) + 1
+            if kind is None:
+                good_rows += 1
+                good_errors += bool(row.get("error"))
+            else:
+                bad_rows += 1
+                bad_answered += bool(row.get("error"))
+
+    def pct(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
+
+    images = sum(len(k) for _, _, k, rows in results if rows is not None)
+    return {"requests": len(results), "seconds": round(seconds, 2),
+            "requests_per_s": round(len(results) / seconds, 1), "images_per_s": round(images / seconds, 1),
+            "p50_ms": round(pct(0.50), 1), "p95_ms": round(pct(0.95), 1), "p99_ms": round(pct(0.99), 1),
+            "http_errors": http_errors, "good_rows": good_rows, "errors_on_good_rows": good_errors,
+            "bad_rows": bad_rows, "bad_rows_with_error": bad_answered, "errors_by_kind": errors,
+            "mean_ms": round(statistics.fmean(latencies) * 1000, 1) if latencies else None}
+
+
+def memory(load: Load, n_requests: int, window: int = 1000) -> dict:
+    samples = load.rss_by_request
+    first = [rss for done, rss in samples if done <= window]
+    last = [rss for done, rss in samples if n_requests - window <= done <= n_requests]
+    mb = 1 / 2**20
+    return {"peak_rss_mb": round(max(r for _, r in samples) * mb, 1) if samples else None,
+            "first_1000_peak_mb": round(max(first) * mb, 1) if first else None,
+            "last_1000_peak_mb": round(max(last) * mb, 1) if last else None}
+
+
+def test_images(prepared: Path, n: int = 256) -> list[bytes]:
+    from mofe_ood.images import encode_png
+    from mofe_ood.prepare import load_split
+
+    if not (prepared / "manifest.json").is_file():
+        raise SystemExit(f"{prepared} has no prepared benchmark: run `make run` first")
+    return [encode_png(image) for image in load_split(prepared, "test").images[:n]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mofe_ood.bench serve", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="models:/mofe-ood@champion")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=5000, help="single-image requests in all")
+    parser.add_argument("--batch-clients", type=int, default=4)
+    parser.add_argument("--batches", type=int, default=25, help="batch requests per batch client")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--bad-every", type=int, default=20, help="every Nth row is bad (0: none)")
+    parser.add_argument("--prepared", default="data/prepared")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds at most per phase")
+    args = parser.parse_args(argv)
+
+    from mofe_ood.serving.tracking import tracking_uri
+
+    images = test_images(Path(args.prepared))
+    port = free_port()
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"mofe-bench-serve-{port}.log"
+    env = {"MLFLOW_TRACKING_URI": tracking_uri(), "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"}
+    started = time.perf_counter()
+    server = start_server(args.model, port, log_path, env)
+    print(f"server up in {time.perf_counter() - started:.1f} s (pid {server.pid}, port {port}, log {log_path})")
+    load = Load(port, server.pid)
+    sampler = threading.Thread(target=load.sample_memory, daemon=True)
+    sampler.start()
+    try:
+        singles = run_phase(load, plan(images, args.requests, 1, args.bad_every), args.clients, args.timeout)
+        mem = memory(load, singles["requests"])
+        batches = run_phase(load, plan(images, args.batches * args.batch_clients, args.batch_size,
+                                       args.bad_every, start=7), args.batch_clients, args.timeout)
+    finally:
+        load.stop_sampling.set()
+        stop_server(server)
+    mem["peak_rss_mb"] = memory(load, load.done)["peak_rss_mb"]
+    report = {"model": args.model, "torch_threads": os.environ.get("MOFE_SERVE_THREADS", "default"),
+              "single": {"clients": args.clients, **singles}, "batch": {"clients": args.batch_clients,
+                                                                        "rows": args.batch_size, **batches},
+              "memory": mem}
+    print(json.dumps(report, indent=2))
+    good = all(p["errors_on_good_rows"] == 0 and p["http_errors"] == 0 and p["bad_rows_with_error"] == p["bad_rows"]
+               for p in (singles, batches))
+    return 0 if good else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""Serving: what happens after the pipeline (ours).
+
+- detector.py: the Detector, which only predicts;
+- bundle.py: a Detector from pipeline folders, saved as / loaded from a bundle;
+- pyfunc.py + model.py: the bundle as an MLflow pyfunc (per-row answers, input limits);
+- gate.py: the pure promotion gate; tracking.py: the tracking server / registry connection.
+"""

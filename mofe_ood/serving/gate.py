@@ -1,0 +1,92 @@
+"""The promotion gate, pure: decide from a candidate and the champion, no registry calls.
+
+A new model takes `champion` only when it beats the champion's gate metric (same
+benchmark, same score and metric) by more than `margin` without losing more than
+`accuracy_tolerance` of ID accuracy; otherwise it becomes `challenger`, with the
+reason spelled out. register.py applies the decision; `mofe promote` asks it too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mofe_ood.metrics import METRIC_KEYS
+from mofe_ood.params import ParamError
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+LOWER_IS_BETTER = {"fpr95", "fpr95_openood"}
+
+
+def gate_metric(name: str) -> tuple[str, str]:
+    """`near.auroc` -> ("near", "auroc"); `id_accuracy` -> ("id_accuracy", "")."""
+    if name == "id_accuracy":
+        return name, ""
+    group, _, metric = str(name).partition(".")
+    if not group or metric not in METRIC_KEYS:
+        raise ParamError(f"register.gate_metric: {name!r} is not 'id_accuracy' or <near|far|set>.<metric> "
+                         f"with metric {', '.join(METRIC_KEYS)}")
+    return group, metric
+
+
+@dataclass
+class Candidate:
+    """What the gate compares: read from metrics.json for a new model, from tags for a version."""
+
+    variant: str
+    score: str
+    gate_metric: str
+    gate_value: float
+    id_accuracy: float | None
+    benchmark: str
+
+    @classmethod
+    def from_tags(cls, tags: dict) -> "Candidate":
+        acc = tags.get("id_accuracy")
+        return cls(tags.get("variant", "?"), tags.get("score", "?"), tags.get("gate_metric", "?"),
+                   float(tags.get("gate_value", "nan")), None if acc in (None, "", "None") else float(acc),
+                   tags.get("benchmark", "?"))
+
+
+def candidate(variant: str, entry: dict, score: str, metric_name: str, benchmark: str) -> Candidate:
+    group, metric = gate_metric(metric_name)
+    if metric_name == "id_accuracy":
+        value = entry.get("id_accuracy")
+    else:
+        value = ((entry.get(score) or {}).get(group) or {}).get(metric)
+    if value is None:
+        raise ParamError(f"register.gate_metric: reports/metrics.json has no {metric_name} for "
+                         f"{variant}/{score}")
+    return Candidate(variant, score, metric_name, float(value), entry.get("id_accuracy"), benchmark)
+
+
+@dataclass
+class Decision:
+    alias: str
+    reason: str
+    champion: str | None  # the version holding `champion` when the decision was made
+
+
+def decide(new: Candidate, champion_version: str | None, champion: Candidate | None, margin: float,
+           accuracy_tolerance: float) -> Decision:
+    if champion is None:
+        return Decision(CHAMPION, "first registration: no champion yet", None)
+    v = f"champion v{champion_version}"
+    if champion.benchmark != new.benchmark:
+        return Decision(CHALLENGER, f"{v} was evaluated on other data (benchmark {champion.benchmark}, "
+                        f"this one {new.benchmark}); not comparable, promote by hand", champion_version)
+    if (champion.gate_metric, champion.score) != (new.gate_metric, new.score):
+        return Decision(CHALLENGER, f"{v} was gated on {champion.score} {champion.gate_metric}, this one "
+                        f"on {new.score} {new.gate_metric}; not comparable, promote by hand", champion_version)
+    sign = -1.0 if new.gate_metric.rpartition(".")[2] in LOWER_IS_BETTER else 1.0
+    gain = sign * (new.gate_value - champion.gate_value)
+    what = f"{new.gate_metric} {new.gate_value:.4f} vs {v}'s {champion.gate_value:.4f}"
+    if not gain > margin:
+        return Decision(CHALLENGER, f"{what}: gain {gain:+.4f} is not above the margin {margin}",
+                        champion_version)
+    if new.id_accuracy is not None and champion.id_accuracy is not None:
+        drop = champion.id_accuracy - new.id_accuracy
+        if drop > accuracy_tolerance:
+            return Decision(CHALLENGER, f"{what} is better, but ID accuracy {new.id_accuracy:.4f} is "
+                            f"{drop:.4f} below the champion's {champion.id_accuracy:.4f} (tolerance "
+                            f"{accuracy_tolerance})", champion_version)
+    return Decision(CHAMPION, f"{what}: gain {gain:+.4f} above the margin {margin}", champion_version)

@@ -1,0 +1,170 @@
+"""The trained models: what each variant is, how it is built, saved and loaded.
+
+`VARIANTS`: the head variants of `train.variants`, each an architecture
+kind (`ARCHITECTURES`: linear probe, MLP head, MoFE), a mixup and its lr:
+- `linear`: linear probe (plain cross-entropy: no mixup, no label smoothing);
+- `mlp`: one-hidden-layer MLP head + plain mixup;
+- `mofe`: MoFE (mofe.py) + plain mixup;
+- `mofe_dynmix`: MoFE + Dynamic-β Mixup (mixup.py): the method.
+The fine-tuned variant (`finetune.variant`) is a MoFE of token-reading experts
+over a fine-tuned ViT (`FinetunedMoFE`); on disk it also holds a `linear` head
+over its own routed features, so `load_model` reads every variant alike.
+`FROZEN` names the backbone alone (no head): evaluate and serving use it.
+
+On disk, `<models_dir>/<variant>/`: `model.safetensors` (no pickle) and
+`config.json` (format, architecture, classes, groups, params, val accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mofe_ood import mofe as mofe_mod
+from mofe_ood.backbones import create_backbone
+from mofe_ood.mixup import DynamicBetaMixup, Mixup
+from mofe_ood.params import ParamError
+from mofe_ood.training.settings import HEAD_VARIANTS, DynmixConfig, finetune_config, train_config
+
+FORMAT = "mofe-ood-head/1"
+FROZEN = "frozen"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A head variant: its architecture kind, its mixup (none | plain | dynamic) and its lr."""
+
+    kind: str
+    mixup: str
+    linear: bool  # a linear layer trained alone: `train.linear_lr`, plain cross-entropy without mixup
+
+
+VARIANTS = {"linear": Variant("linear", "none", linear=True), "mlp": Variant("mlp", "plain", linear=False),
+            "mofe": Variant("mofe", "plain", linear=False), "mofe_dynmix": Variant("mofe", "dynamic", linear=False)}
+assert tuple(VARIANTS) == HEAD_VARIANTS  # settings validates train.variants against these names
+
+
+def make_mixup(kind: str, num_classes: int, counts: np.ndarray, label_smoothing: float, mixup_alpha: float,
+               dynmix: DynmixConfig):
+    """The mixup of `kind` (none | plain | dynamic): plain needs `mixup_alpha` > 0 (`train.mixup_alpha`)."""
+    if kind == "plain" and mixup_alpha > 0:
+        return Mixup(num_classes, mixup_alpha, label_smoothing)
+    if kind == "dynamic":
+        return DynamicBetaMixup(num_classes, dynmix.alpha_min, dynmix.alpha_max, power=dynmix.power,
+                                momentum=dynmix.momentum, label_smoothing=label_smoothing, counts=counts,
+                                difficulty=dynmix.difficulty)
+    return None
+
+
+def trained_variants(params: dict) -> list[str]:
+    """What the train stage writes under models/: `train.variants` (+ `finetune.variant` when enabled)."""
+    variants = list(train_config(params).variants)
+    finetune = finetune_config(params)
+    if finetune.enabled:
+        if finetune.variant in variants:
+            raise ParamError(f"finetune.variant: {finetune.variant!r} is also in train.variants; "
+                             "give it another name")
+        variants.append(finetune.variant)
+    return variants
+
+
+# ---------------------------------------------------------------- architectures
+
+def architecture(variant: str, cfg, dim: int, num_classes: int, groups: np.ndarray | None) -> dict:
+    """config.json's `architecture` of a head variant (`cfg`: the train section)."""
+    kind = VARIANTS[variant].kind
+    arch = {"kind": kind, "dim": dim, "num_classes": num_classes}
+    if kind == "mlp":
+        arch.update(hidden_features=cfg.hidden_features, drop=cfg.drop)
+    elif kind == "mofe":
+        m = cfg.mofe
+        arch.update(expert=m.expert, hidden_features=cfg.hidden_features, drop=cfg.drop, router=m.router,
+                    top_k=m.top_k, stem_blocks=m.stem_blocks, groups=[int(g) for g in groups])
+    return arch
+
+
+def _linear(arch: dict, init_from: nn.Module | None) -> nn.Module:
+    return mofe_mod.LinearProbe(arch["dim"], arch["num_classes"])
+
+
+def _mlp(arch: dict, init_from: nn.Module | None) -> nn.Module:
+    return mofe_mod.MLPHead(arch["dim"], arch["num_classes"], arch["hidden_features"], arch["drop"])
+
+
+def _mofe(arch: dict, init_from: nn.Module | None) -> nn.Module:
+    if init_from is None and mofe_mod.EXPERTS[arch["expert"]].reads_tokens:
+        # Shapes only: the weights come from the state dict loaded next.
+        init_from = create_backbone(arch["backbone"], "random", arch["image_size"], num_classes=0,
+                                    **arch.get("backbone_kwargs", {}))
+    return mofe_mod.MoFE(arch["dim"], arch["num_classes"], arch["groups"], expert=arch["expert"],
+                         hidden_features=arch["hidden_features"], drop=arch["drop"], router=arch["router"],
+                         top_k=arch["top_k"], stem_blocks=arch.get("stem_blocks", 0), init_from=init_from)
+
+
+ARCHITECTURES = {"linear": _linear, "mlp": _mlp, "mofe": _mofe}
+
+
+def build_model(arch: dict, init_from: nn.Module | None = None) -> nn.Module:
+    """The (untrained) module of a config.json `architecture`; `init_from`: what token experts copy."""
+    if arch["kind"] not in ARCHITECTURES:
+        raise ValueError(f"unknown model kind {arch['kind']!r} in config.json; known: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[arch["kind"]](arch, init_from)
+
+
+# ---------------------------------------------------------------- files
+
+def save_weights(path: Path, module: nn.Module) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, path)
+
+
+def write_config(out: Path, cfg: dict) -> None:
+    (out / "config.json").write_text(json.dumps({"format": FORMAT, **cfg}, indent=2) + "\n")
+
+
+def load_model(model_dir: str | Path) -> tuple[nn.Module, dict]:
+    """The trained head of `model_dir` in eval mode, and its config; `module(features)` returns
+    dict(feature, logits[, router_logits, gates])."""
+    model_dir = Path(model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    if cfg.get("format") != FORMAT:
+        raise ValueError(f"{model_dir}/config.json: format {cfg.get('format')!r} is not {FORMAT!r}")
+    model = build_model(cfg["architecture"])
+    model.load_state_dict(load_file(model_dir / "model.safetensors"), strict=True)
+    return model.eval(), cfg
+
+
+class FinetunedMoFE(nn.Module):
+    """Images -> the ViT trunk (all blocks but the last) -> MoFE with token-reading (block) experts."""
+
+    def __init__(self, backbone: nn.Module, mofe: mofe_mod.MoFE):
+        super().__init__()
+        self.backbone, self.mofe = backbone, mofe
+
+    def tokens(self, images):
+        return mofe_mod.tokens_before_last_block(self.backbone, images)
+
+    def forward(self, images):
+        return self.mofe(self.tokens(images))
+
+    def classifier_weights(self):
+        return self.mofe.classifier_weights()
+
+
+def load_finetuned(model_dir: str | Path) -> tuple[FinetunedMoFE, dict]:
+    """The fine-tuned image model of `model_dir` (eval mode): images -> dict(feature, logits, ...)."""
+    model_dir = Path(model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    ft = cfg.get("finetuned")
+    if not ft:
+        raise ValueError(f"{model_dir}: not a fine-tuned variant (config.json has no 'finetuned')")
+    backbone = create_backbone(ft["backbone"], "random", ft["image_size"], num_classes=0,
+                               **ft.get("backbone_kwargs", {}))
+    backbone.load_state_dict(load_file(model_dir / "backbone.safetensors"))
+    mofe = build_model(ft["mofe"], init_from=backbone)
+    mofe.load_state_dict(load_file(model_dir / "mofe.safetensors"))
+    return FinetunedMoFE(backbone, mofe).eval(), cfg
