@@ -11,9 +11,9 @@ import yaml
 from mofe_ood import stages as stage_table
 
 ROOT = Path(__file__).resolve().parents[1]
-# Files a stage uses without importing them: register logs mlflow_model.py by path as the
+# Files a stage uses without importing them: register logs serving/model.py by path as the
 # served model's code.
-USED_BY_PATH = {"register": {"mlflow_model"}}
+USED_BY_PATH = {"register": {"serving/model"}}
 # Keys that say how a stage runs, not what it computes: listing them would re-run the stage.
 RUN_ONLY = {"extract": {"num_threads", "shards", "gpus"},
             "train": {"num_threads", "gpus", "processes", "checkpoint_dir"},

@@ -21,10 +21,7 @@ MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
 # Over the limits today, being split on other branches of issue 13: this list is emptied when
 # they merge. Do not add to it: split the module or function instead.
-TOO_LARGE_FOR_NOW = {
-    "mofe_ood/inference.py", "mofe_ood/mofe.py", "mofe_ood/register.py", "mofe_ood/scores.py",
-    "mofe_ood/train.py", "mofe_ood/finetune.py:run", "mofe_ood/train.py:train_variant",
-}
+TOO_LARGE_FOR_NOW = {"mofe_ood/scores.py"}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -487,15 +487,11 @@ def test_the_validate_step_names_every_bad_key_of_a_run(tmp_path):
 
     params = load(ROOT / "params.yaml")
     arguments = pipeline.arguments(params, "cluster")
-    validate.python_func(**{k: arguments[k] for k in ("base", "prepare", "extract", "train", "finetune",
-                                                      "evaluate", "register", "extract_gpus", "train_gpus")},
-                         reference=json.dumps(params))
+    validate.python_func(**arguments, reference=json.dumps(params))
     bad = {**arguments, "register": json.dumps({**params["register"], "modle_name": "x"}),
            "train": json.dumps({**params["train"], "epochs": -1}), "extract_gpus": -2}
     with pytest.raises(ParamError) as err:
-        validate.python_func(**{k: bad[k] for k in ("base", "prepare", "extract", "train", "finetune",
-                                                    "evaluate", "register", "extract_gpus", "train_gpus")},
-                             reference=json.dumps(params))
+        validate.python_func(**bad, reference=json.dumps(params))
     message = str(err.value)
     assert "3 problem(s)" in message
     assert "register.modle_name: not a known key (did you mean register.model_name?)" in message
