@@ -94,7 +94,7 @@ def problems(params: dict, reference: dict | None = None) -> list[str]:
                 found += unknown_keys({section: params[section]}, reference)
         except (ParamError, TypeError, KeyError, AttributeError) as err:  # a wrong type reads as these
             found.append(str(err) if isinstance(err, ParamError) else f"{section}: {type(err).__name__}: {err}")
-    return found
+    return list(dict.fromkeys(found))  # a config that reads two sections (finetune: train's too) says it twice
 
 
 def _legacy_check(section: str, params: dict) -> None:
