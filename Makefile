@@ -1,4 +1,5 @@
-# The README's two commands: `make run` (the main job) and `make test`.
+# The README's two commands: `make run` (the main job) and `make test`; `make test-fast`
+# (no image, containers, dvc repro or whole pipelines) and `make lint` while working.
 # Both create the virtual environment on first use and are idempotent.
 SHELL := /bin/bash
 VENV ?= .venv
@@ -11,7 +12,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run test fashion-mnist services services-down image lock clean
+.PHONY: setup run test test-fast lint fashion-mnist services services-down image lock clean
 
 setup: $(VENV)/.installed fashion-mnist
 
@@ -52,6 +53,13 @@ run: setup
 
 test: setup
 	$(VENV)/bin/pytest -q
+
+# The tests not marked slow (see pyproject.toml's markers): minutes, not the suite's hour.
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not slow"
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 # Local S3 (SeaweedFS, 127.0.0.1:8333, data in .services/); `make services MLFLOW=1` adds
 # an MLflow server on :5000; where podman is installed, its Docker API socket too (for

@@ -7,15 +7,18 @@
     validate -> prepare -> extract -> train -> evaluate -> register           (extract.shards: 1, any KFP 2.x)
     validate -> prepare -> extract x N (ParallelFor) -> merge_features -> ...  (extract.shards: N > 1)
 
+The steps after `validate` are the stage table's (mofe_ood/stages.py: names, order,
+sections, pods); each step takes its inputs by name from the params sections, the GPU
+counts and the outputs of the steps before it, so a new stage needs no change here.
 `validate` checks every section at once (mofe validate) and fails the run in seconds;
 compile, run and submit run the same check here first.
 
-Each params.yaml section (base, prepare, ...) is one pipeline parameter, the
-section as JSON text, its default the file's value; `--set` changes the values
-sent for this run. `extract.gpus` and `train.gpus` are integer parameters of
-their own: they feed the steps' accelerator limits. The `kfp` section (image,
-pipeline_root, secret, config_map, GPU node settings, data PVC, train timeout) is
-read when compiling: it shapes the pods, not the computation. MOFE_IMAGE and
+Each params.yaml section a stage reads (base, prepare, ...) is one pipeline parameter,
+the section as JSON text, its default the file's value; `--params` takes params.yaml or a
+preset, `--set` changes the values sent for this run. `extract.gpus` and `train.gpus`
+are integer parameters of their own: they feed the steps' accelerator limits. The `kfp`
+section (image, pipeline_root, GPU node settings, data PVC, train timeout) is read when
+compiling: it shapes the pods, not the computation. MOFE_IMAGE and
 MOFE_PIPELINE_ROOT override `kfp.image` and `kfp.pipeline_root`; an image without
 a tag gets the checkout's (infra/image.sh tag: the commit), so a new commit is a new
 image string and KFP's cache cannot serve old code.
@@ -27,6 +30,9 @@ reads raw data from S3, as a cluster does (mofe push-raw; see README).
 """
 
 import argparse
+import dataclasses
+import importlib
+import inspect
 import json
 import os
 import re
@@ -35,68 +41,44 @@ import sys
 import tempfile
 import urllib.request
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
 
-from components import DEFAULT_IMAGE
-from components.evaluate import evaluate as evaluate_variants
-from components.extract import extract as extract_all
 from components.extract import extract_shard, merge_features, shard_indices
-from components.prepare import prepare as prepare_benchmark
-from components.register import register as register_models
-from components.train import train as train_variants
 from components.validate import validate as validate_params
-from mofe_ood.cli import parse_set
-from mofe_ood.params import ParamError, check_number, load, merged
+from mofe_ood import stages
+from mofe_ood.cli import USER_ERRORS, parse_set
+from mofe_ood.params import ParamError, load, merged
+from mofe_ood.stages import Kfp, Resources
 
 ROOT = Path(__file__).resolve().parent
 NAME = "mofe-ood"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # kfp.local colours its messages
-STAGES = ("prepare", "extract", "train", "evaluate", "register")
-SECTIONS = ("base", *STAGES, "finetune")
 RUNNERS = ("subprocess", "docker")
 # dsl.Collected over artifacts (the fan-in of extract.shards > 1) runs on KFP backends from
 # 2.5.0 on (kubeflow/pipelines PR 11725, "enable dsl.Collected for parameters & artifacts").
 COLLECTED_MIN_BACKEND = (2, 5, 0)
-# The Secret and ConfigMap are infra/k8s's (and must exist in the namespace the runs use).
-CLUSTER_DEFAULTS = {"image": DEFAULT_IMAGE, "pipeline_root": "s3://mofe-ood/kfp",
-                    "secret": "mofe-ood-s3", "config_map": "mofe-ood-storage",
-                    "gpu_type": "nvidia.com/gpu", "gpu_node_selector": {},
-                    "gpu_tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
-                                         "effect": "NoSchedule"}],
-                    "data_pvc": None, "data_mount": "/data", "train_timeout": 86400}
+# infra/k8s's Secret and ConfigMap (they must exist in the namespace the runs use), and the
+# resource name of a GPU in the cluster.
+SECRET, CONFIG_MAP, GPU_TYPE = "mofe-ood-s3", "mofe-ood-storage", "nvidia.com/gpu"
 # What a step that talks to S3 or MLflow gets as env, each key under its own name. Only
 # these names reach the IR, never a value.
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 CONFIG_KEYS = ("S3_ENDPOINT_URL", "S3_BUCKET", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI",
                "AWS_DEFAULT_REGION")
-
-
-@dataclass(frozen=True)
-class Pod:
-    """What one step asks of the cluster."""
-
-    cpu: float               # cores requested; also the threads torch starts (OMP_NUM_THREADS)
-    memory: str
-    retries: int = 2         # every step is idempotent: it rewrites its own outputs
-    cache: bool = False      # KFP reuses a cached output only where inputs fully determine it
-    storage: bool = False    # gets SECRET_KEYS and CONFIG_KEYS as env
-    data: bool = False       # mounts kfp.data_pvc (image folders read by path) when one is set
-
-
-PODS = {
-    "validate": Pod(0.5, "2Gi", retries=0),  # a bad param stays bad on a retry
-    "prepare": Pod(2, "8Gi", cache=True, storage=True, data=True),  # raw data from S3 or the PVC
-    "shard-indices": Pod(0.1, "256Mi", cache=True),
-    "extract": Pod(4, "16Gi", cache=True, data=True),  # + extract.gpus GPUs
-    "extract-shard": Pod(4, "16Gi", cache=True, data=True),
-    "merge-features": Pod(1, "8Gi", cache=True),
-    "train": Pod(4, "32Gi", retries=1, data=True),  # + train.gpus GPUs; fine-tuning reads images
-    "evaluate": Pod(4, "16Gi"),
-    "register": Pod(1, "4Gi", storage=True),  # same content again = same model version
+# Steps of the pipeline that are not stages of mofe_ood.stages (their pods; a stage's is in the table).
+STEP_PODS = {
+    "validate": Resources(0.5, "2Gi", retries=0),  # a bad param stays bad on a retry
+    "shard-indices": Resources(0.1, "256Mi", cache=True),
+    "extract-shard": stages.get("extract").pod,
+    "merge-features": Resources(1, "8Gi", cache=True),
 }
+
+
+def pods() -> dict[str, Resources]:
+    """Every step's pod, by KFP component name."""
+    return {**{stage.name: stage.pod for stage in stages.STAGES}, **STEP_PODS}
 
 
 def image_tag() -> str:
@@ -114,35 +96,32 @@ def with_tag(image: str) -> str:
     return f"{image}:{image_tag()}"
 
 
-def cluster_settings(params: dict, image: str | None = None) -> dict:
-    settings = {**CLUSTER_DEFAULTS, **(params.get("kfp") or {})}
+def cluster_settings(params: dict, image: str | None = None) -> Kfp:
+    """The `kfp` section, with $MOFE_IMAGE / $MOFE_PIPELINE_ROOT over it and the image tagged."""
+    settings = stages.kfp_config(params)
     env = {"image": "MOFE_IMAGE", "pipeline_root": "MOFE_PIPELINE_ROOT"}
-    settings.update({key: os.environ[var] for key, var in env.items() if os.environ.get(var)})
-    settings["image"] = with_tag(image or settings["image"])
-    check_number("kfp.train_timeout", settings["train_timeout"], low=1, integer=True)
-    if not isinstance(settings["gpu_node_selector"], dict):
-        raise ParamError(f"kfp.gpu_node_selector: {settings['gpu_node_selector']!r} must be a mapping")
-    if not isinstance(settings["gpu_tolerations"], list):
-        raise ParamError(f"kfp.gpu_tolerations: {settings['gpu_tolerations']!r} must be a list of "
-                         "{key, operator, value, effect}")
-    return settings
+    settings = dataclasses.replace(settings, **{key: os.environ[var] for key, var in env.items()
+                                                if os.environ.get(var)})
+    return dataclasses.replace(settings, image=with_tag(image or settings.image))
 
 
 def gpus(params: dict) -> dict[str, int]:
-    """`extract.gpus`, `train.gpus`: the GPUs each step asks for (0: none, the default)."""
-    return {stage: check_number(f"{stage}.gpus", (params.get(stage) or {}).get("gpus", 0), low=0, integer=True)
-            for stage in ("extract", "train")}
+    """`<stage>.gpus` of each stage that can have GPUs (extract, train): 0 (the default) is none."""
+    from mofe_ood.params import check_number
+
+    return {stage.name: check_number(f"{stage.name}.gpus", params[stage.name]["gpus"], low=0, integer=True)
+            for stage in stages.STAGES if stage.pod.gpus}
 
 
-def on_cluster(task: dsl.PipelineTask, settings: dict, gpu_count=None, compiled_gpus: int = 0) -> dsl.PipelineTask:
-    """Image, resources, retries, caching, secrets and GPUs of `task` (from PODS, by component name).
+def on_cluster(task: dsl.PipelineTask, settings: Kfp, gpu_count=None, compiled_gpus: int = 0) -> dsl.PipelineTask:
+    """Image, resources, retries, caching, secrets and GPUs of `task` (its pod, by component name).
 
     `gpu_count`: the pipeline parameter feeding the accelerator limit, wired only when the
     params asked for GPUs at compile time (`compiled_gpus` > 0): a pod of a default run asks
     for no GPU and schedules on a cluster without GPU nodes.
     """
-    pod = PODS[task.component_spec.name.replace("_", "-")]
-    task.set_container_image(settings["image"])
+    pod = pods()[task.component_spec.name.replace("_", "-")]
+    task.set_container_image(settings.image)
     task.set_cpu_request(f"{pod.cpu:g}").set_memory_request(pod.memory).set_memory_limit(pod.memory)
     # torch in a container sees every core of the node, not the pod's share of them.
     task.set_env_variable("OMP_NUM_THREADS", str(max(1, int(pod.cpu))))
@@ -150,28 +129,28 @@ def on_cluster(task: dsl.PipelineTask, settings: dict, gpu_count=None, compiled_
     if pod.retries:
         task.set_retry(pod.retries, backoff_duration="30s", backoff_factor=2)
     if compiled_gpus:
-        task.set_accelerator_type(settings["gpu_type"]).set_accelerator_limit(gpu_count)
-        for toleration in settings["gpu_tolerations"]:
+        task.set_accelerator_type(GPU_TYPE).set_accelerator_limit(gpu_count)
+        for toleration in settings.gpu_tolerations:
             kubernetes.add_toleration(task, **toleration)
-        for key, value in settings["gpu_node_selector"].items():
+        for key, value in settings.gpu_node_selector.items():
             kubernetes.add_node_selector(task, key, str(value))
         # NCCL and DataLoader workers share memory through /dev/shm, 64 MiB in a default pod.
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
-    if pod.data and settings["data_pvc"]:
-        kubernetes.mount_pvc(task, pvc_name=settings["data_pvc"], mount_path=settings["data_mount"])
+    if pod.data and settings.data_pvc:
+        kubernetes.mount_pvc(task, pvc_name=settings.data_pvc, mount_path=settings.data_mount)
     if pod.storage:
-        kubernetes.use_secret_as_env(task, settings["secret"], {k: k for k in SECRET_KEYS})
-        kubernetes.use_config_map_as_env(task, settings["config_map"], {k: k for k in CONFIG_KEYS})
+        kubernetes.use_secret_as_env(task, SECRET, {k: k for k in SECRET_KEYS})
+        kubernetes.use_config_map_as_env(task, CONFIG_MAP, {k: k for k in CONFIG_KEYS})
     return task
 
 
-def in_docker(task: dsl.PipelineTask, settings: dict) -> dsl.PipelineTask:
+def in_docker(task: dsl.PipelineTask, settings: Kfp) -> dsl.PipelineTask:
     """A step of a local DockerRunner run: the image, and this shell's S3 / MLflow settings as env.
 
     The values go to the local container only (nothing is compiled); no hub is reached.
     """
-    pod = PODS[task.component_spec.name.replace("_", "-")]
-    task.set_container_image(settings["image"])
+    pod = pods()[task.component_spec.name.replace("_", "-")]
+    task.set_container_image(settings.image)
     task.set_env_variable("HF_HUB_OFFLINE", "1")
     if pod.storage:
         for key in (*SECRET_KEYS, *CONFIG_KEYS):
@@ -180,20 +159,49 @@ def in_docker(task: dsl.PipelineTask, settings: dict) -> dsl.PipelineTask:
     return task
 
 
-def build(params: dict, until: str = "register", runner: str = "cluster", image: str | None = None):
-    """The pipeline function, its parameters defaulting to `params`; stages after `until` left out.
+def component(stage: stages.Stage):
+    """The KFP component of `stage` (components/<name>.py)."""
+    module, _, name = stage.component.partition(":")
+    return getattr(importlib.import_module(module), name)
 
-    `runner`: cluster (on_cluster's settings), subprocess (bare tasks: a local failure is no
-    lost node to retry, and the pods' thread counts would oversubscribe this machine) or
-    docker (in_docker's settings).
+
+def call(component, available: dict, what: str) -> dsl.PipelineTask:
+    """`component` called with each of its inputs taken by name from `available` (sections,
+    GPU counts, earlier steps' artifacts): the pipeline wires outputs to inputs by name."""
+    args = {}
+    for name, spec in (component.component_spec.inputs or {}).items():
+        if name in available:
+            args[name] = available[name]
+        elif spec.default is None and not spec.optional:
+            raise TypeError(f"{what}: no section, GPU count or earlier step's output is named {name!r} "
+                             f"(available: {', '.join(sorted(available))})")
+    return component(**args)
+
+
+def pipeline_signature(defaults: dict) -> inspect.Signature:
+    """The pipeline's parameters: one JSON text per params section, one integer per GPU count."""
+    return inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=value,
+                                                annotation=int if isinstance(value, int) else str)
+                              for name, value in defaults.items()])
+
+
+def build(params: dict, until: str | None = None, runner: str = "cluster", image: str | None = None):
+    """The pipeline function, its parameters defaulting to `params`; stages after `until` (default:
+    none) left out.
+
+    The steps are the stage table's (mofe_ood.stages), in its order, after `validate`; each
+    takes its inputs by name from the sections, the GPU counts and the outputs of the steps
+    before it. `runner`: cluster (on_cluster's settings), subprocess (bare tasks: a local
+    failure is no lost node to retry, and the pods' thread counts would oversubscribe this
+    machine) or docker (in_docker's settings).
     """
     from mofe_ood import validate
 
     validate.run(params)  # a bad param fails here, before anything is compiled or run
     defaults = arguments(params, runner)
-    settings = cluster_settings(params, image) if runner != "subprocess" else {}
-    sharded = int(json.loads(defaults["extract"]).get("shards", 1)) > 1
-    stages = STAGES[:STAGES.index(until) + 1]
+    settings = cluster_settings(params, image) if runner != "subprocess" else None
+    names = stages.names()
+    steps = stages.STAGES[:names.index(until or names[-1]) + 1]
     compiled = gpus(params)
 
     def pod(task: dsl.PipelineTask, gpu_count=None, stage: str = "") -> dsl.PipelineTask:
@@ -201,80 +209,71 @@ def build(params: dict, until: str = "register", runner: str = "cluster", image:
             return on_cluster(task, settings, gpu_count, compiled.get(stage, 0))
         return in_docker(task, settings) if runner == "docker" else task
 
-    @dsl.pipeline(name=NAME, pipeline_root=settings.get("pipeline_root"),
-                  description="OOD detection with frozen-backbone features and a Mixture of "
-                              "Feature Experts (MoFE, arXiv 2510.10584)")
-    def mofe_ood(base: str = defaults["base"], prepare: str = defaults["prepare"],
-                 extract: str = defaults["extract"], train: str = defaults["train"],
-                 evaluate: str = defaults["evaluate"], register: str = defaults["register"],
-                 finetune: str = defaults["finetune"], extract_gpus: int = defaults["extract_gpus"],
-                 train_gpus: int = defaults["train_gpus"]):
-        checked = pod(validate_params(base=base, prepare=prepare, extract=extract, train=train,
-                                      finetune=finetune, evaluate=evaluate, register=register,
-                                      extract_gpus=extract_gpus, train_gpus=train_gpus,
-                                      reference=json.dumps(params, sort_keys=True)))
-        prepared = pod(prepare_benchmark(base=base, prepare=prepare, evaluate=evaluate).after(checked))
-        prepared = prepared.outputs["prepared"]
-        if sharded:  # fan-out / fan-in: needs a backend with dsl.Collected (COLLECTED_MIN_BACKEND)
-            shards = pod(shard_indices(extract=extract))
-            with dsl.ParallelFor(shards.output) as shard:
-                part = pod(extract_shard(base=base, extract=extract, gpus=extract_gpus, shard=shard,
-                                         prepared=prepared), extract_gpus, "extract")
-            features = pod(merge_features(shards=dsl.Collected(part.outputs["features"])))
-        else:  # a plain DAG: any KFP 2.x backend
-            features = pod(extract_all(base=base, extract=extract, gpus=extract_gpus, prepared=prepared),
-                           extract_gpus, "extract")
-        features = features.outputs["features"]
-        if "train" in stages:
-            trained = pod(train_variants(base=base, extract=extract, train=train, finetune=finetune,
-                                         gpus=train_gpus, prepared=prepared, features=features),
-                          train_gpus, "train")
-            if runner == "cluster":  # a hung fine-tuning run must not hold its GPUs forever
-                kubernetes.set_timeout(trained, settings["train_timeout"])
-            models = trained.outputs["models"]
-        if "evaluate" in stages:
-            reports = pod(evaluate_variants(base=base, train=train, finetune=finetune, evaluate=evaluate,
-                                            register=register, features=features,
-                                            models=models)).outputs["reports"]
-        if "register" in stages:
-            pod(register_models(base=base, prepare=prepare, extract=extract, train=train, finetune=finetune,
-                                evaluate=evaluate, register=register, features=features,
-                                models=models, reports=reports, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                                image=settings.get("image", "")))
+    def mofe_ood(*values):
+        inputs = dict(zip(defaults, values))
+        available = {**inputs, "reference": json.dumps(params, sort_keys=True),
+                     "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                     "image": settings.image if settings else ""}
+        checked = pod(call(validate_params, available, "validate"))
+        produced: set[str] = set()  # artifacts of the steps so far
+        for stage in steps:
+            gpu_count = inputs.get(f"{stage.name}_gpus")
+            here = {**available, "gpus": gpu_count}
+            if stage.name == "extract" and params["extract"]["shards"] > 1:
+                task = sharded_extract(here, pod, gpu_count)
+            else:
+                task = pod(call(component(stage), here, stage.name), gpu_count, stage.name)
+            if not produced & set(component(stage).component_spec.inputs or {}):
+                task.after(checked)  # a first step: it waits until the params are known to be good
+            if stage.name == "train" and runner == "cluster":  # a hung run must not hold its GPUs forever
+                kubernetes.set_timeout(task, settings.train_timeout)
+            outputs = task.component_spec.outputs or {}
+            available.update({name: task.outputs[name] for name in outputs})
+            produced |= set(outputs)
 
-    return mofe_ood
+    mofe_ood.__signature__ = pipeline_signature(defaults)
+    return dsl.pipeline(mofe_ood, name=NAME, pipeline_root=settings.pipeline_root if settings else None,
+                        description="OOD detection with frozen-backbone features and a Mixture of "
+                                    "Feature Experts (MoFE, arXiv 2510.10584)")
+
+
+def sharded_extract(available: dict, pod, gpu_count) -> dsl.PipelineTask:
+    """extract.shards > 1: fan out over the shards, fan in (needs dsl.Collected: COLLECTED_MIN_BACKEND)."""
+    shards = pod(call(shard_indices, available, "shard-indices"))
+    with dsl.ParallelFor(shards.output) as shard:
+        part = pod(call(extract_shard, {**available, "shard": shard}, "extract-shard"), gpu_count, "extract")
+    return pod(merge_features(shards=dsl.Collected(part.outputs["features"])))
 
 
 def arguments(params: dict, runner: str = "subprocess") -> dict:
-    """The run's pipeline arguments: each params.yaml section as JSON text (see components/),
-    and `extract_gpus` / `train_gpus` as integers (taken out of their sections: one place each).
+    """The run's pipeline arguments: each params section a stage reads as JSON text (see
+    components/), and `<stage>_gpus` as integers (taken out of their sections: one place each).
 
     A container has no host folder: unless prepare.fashion_mnist_dir names one, its steps
     read Fashion-MNIST from S3 (`kfp.fashion_mnist`, default s3://$S3_BUCKET/raw/fashion-mnist,
     where `mofe push-raw` puts it).
     """
-    sections = {name: dict(params.get(name) or {}) for name in SECTIONS}
+    sections = {name: dict(params[name]) for name in stages.sections()}
     counts = gpus(params)
     for stage in counts:
-        sections[stage].pop("gpus", None)
-    if runner != "subprocess" and not sections["prepare"].get("fashion_mnist_dir"):
+        sections[stage].pop("gpus")
+    if runner != "subprocess" and not sections["prepare"]["fashion_mnist_dir"]:
         sections["prepare"]["fashion_mnist_dir"] = raw_fashion_mnist(params)
     out: dict = {name: json.dumps(value, sort_keys=True) for name, value in sections.items()}
-    out.update(extract_gpus=counts["extract"], train_gpus=counts["train"])
+    out.update({f"{stage}_gpus": count for stage, count in counts.items()})
     return out
 
 
 def raw_fashion_mnist(params: dict) -> str:
-    return ((params.get("kfp") or {}).get("fashion_mnist")
-            or f"s3://{os.environ.get('S3_BUCKET') or 'mofe-ood'}/raw/fashion-mnist")
+    return params["kfp"]["fashion_mnist"] or f"s3://{os.environ.get('S3_BUCKET') or 'mofe-ood'}/raw/fashion-mnist"
 
 
-def compile_ir(params: dict, out: str | Path, until: str = "register", image: str | None = None) -> Path:
+def compile_ir(params: dict, out: str | Path, until: str | None = None, image: str | None = None) -> Path:
     compiler.Compiler().compile(build(params, until, "cluster", image), str(out))
     return Path(out)
 
 
-def run_locally(params: dict, root: str | Path, until: str = "register", runner: str = "subprocess",
+def run_locally(params: dict, root: str | Path, until: str | None = None, runner: str = "subprocess",
                 image: str | None = None) -> dict[str, Path]:
     """Every step as a local subprocess, or in its container; returns the artifacts written, by task/name."""
     from kfp import local
@@ -282,7 +281,7 @@ def run_locally(params: dict, root: str | Path, until: str = "register", runner:
     root = Path(root).resolve()
     before = set(root.glob("*")) if root.is_dir() else set()
     if runner == "docker":
-        image = local_image(with_tag(image or cluster_settings(params)["image"]))
+        image = local_image(with_tag(image or cluster_settings(params).image))
         local.init(runner=docker_runner(), pipeline_root=str(root))
     else:
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
@@ -393,13 +392,13 @@ def submit(params: dict, host: str, experiment: str, run_name: str | None = None
 
     token = os.environ.get("KF_PIPELINES_TOKEN") or None
     settings = cluster_settings(params, image)
-    if version_check and int((params.get("extract") or {}).get("shards", 1)) > 1:
+    if version_check and params["extract"]["shards"] > 1:
         check_backend(host, token)
     client = Client(host=host, existing_token=token)
-    tag = settings["image"].rsplit(":", 1)[-1]
+    tag = settings.image.rsplit(":", 1)[-1]
     version_name = f"{NAME}-{tag}"
     with tempfile.TemporaryDirectory() as tmp:
-        package = str(compile_ir(params, Path(tmp) / "pipeline.yaml", image=settings["image"]))
+        package = str(compile_ir(params, Path(tmp) / "pipeline.yaml", image=settings.image))
         pipeline_id = client.get_pipeline_id(NAME)
         if pipeline_id is None:
             pipeline_id = client.upload_pipeline(package, NAME, namespace=namespace).pipeline_id
@@ -435,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="override a param (repeatable)")
     sub["compile"].add_argument("--out", default="pipeline.yaml")
     sub["run"].add_argument("--root", default="kfp_local", help="local pipeline root (default: kfp_local)")
-    sub["run"].add_argument("--until", choices=STAGES, default="register",
+    sub["run"].add_argument("--until", choices=stages.names(),
                             help="last stage to run (default: all)")
     sub["run"].add_argument("--runner", choices=RUNNERS, default="subprocess",
                             help="subprocess (default: this Python, no image) or docker (every step in "
@@ -467,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(submit(params, args.host, args.experiment, args.run_name, args.namespace, args.image,
                          version_check=not args.no_version_check))
-    except ParamError as err:  # bad input: params, image tag, server version
+    except USER_ERRORS as err:  # bad input: params, image tag, server version
         print(f"pipeline.py {args.command}: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:  # a failed step (its log is above) or no container API / image

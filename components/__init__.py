@@ -29,6 +29,15 @@ def sections(**texts: str) -> dict:
     return {name: json.loads(text) for name, text in texts.items()}
 
 
+def with_gpus(params: dict, **counts) -> dict:
+    """`params` with `<stage>.gpus` put back from the integer pipeline parameters (`extract_gpus`,
+    `train_gpus`), which pipeline.py takes out of the sections: every config sees whole sections.
+    int(): the local runner passes ints as floats."""
+    for stage, count in counts.items():
+        params[stage]["gpus"] = int(count)
+    return params
+
+
 def log_metrics(metrics, values, prefix: str = "") -> None:
     """Log every number of a nested dict to a KFP Metrics artifact as `a/b/c` (None skipped)."""
     for key, value in (values or {}).items():
@@ -42,4 +51,4 @@ def log_metrics(metrics, values, prefix: str = "") -> None:
 def component(func):
     """`dsl.component` for this project: the project image, no run-time pip installs."""
     return dsl.component(func, base_image=DEFAULT_IMAGE, packages_to_install=[],
-                         install_kfp_package=False, additional_funcs=[sections, log_metrics])
+                         install_kfp_package=False, additional_funcs=[sections, with_gpus, log_metrics])

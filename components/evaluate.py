@@ -2,24 +2,25 @@
 
 from kfp.dsl import ClassificationMetrics, Dataset, HTML, Input, Markdown, Metrics, Model, Output
 
-from components import component, sections
+from components import component, sections, with_gpus
 
 
 @component
-def evaluate(base: str, train: str, finetune: str, evaluate: str, register: str, features: Input[Dataset],
-             models: Input[Model], reports: Output[Dataset], metrics: Output[Metrics],
+def evaluate(base: str, train: str, finetune: str, evaluate: str, register: str, train_gpus: int,
+             features: Input[Dataset], models: Input[Model], reports: Output[Dataset], metrics: Output[Metrics],
              results: Output[Markdown], roc: Output[ClassificationMetrics], plots: Output[HTML]):
     """Write the reports folder (metrics.json, scores, plots), and what the KFP UI renders:
     the headline numbers (the variant `register.variant` at its default score and the best
     other variant/score), results.md, that variant's ROC curve and every plot."""
     from mofe_ood import evaluate as stage
 
-    params = sections(base=base, train=train, finetune=finetune, evaluate=evaluate, register=register)
+    params = with_gpus(sections(base=base, train=train, finetune=finetune, evaluate=evaluate, register=register),
+                       train=train_gpus)
     all_metrics = stage.run(params, features.path, models.path, reports.path)
     import json
     from pathlib import Path
 
-    variant = params["register"].get("variant") or next(iter(all_metrics))
+    variant = params["register"]["variant"]
     thresholds = json.loads((Path(reports.path) / "thresholds.json").read_text())
     for name, value in stage.headline(all_metrics, thresholds, variant).items():
         if isinstance(value, str):

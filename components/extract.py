@@ -6,7 +6,7 @@ from typing import List
 
 from kfp.dsl import Dataset, Input, Output
 
-from components import component, sections
+from components import component, sections, with_gpus
 
 
 @component
@@ -17,8 +17,7 @@ def extract(base: str, extract: str, gpus: int, prepared: Input[Dataset], featur
     """
     from mofe_ood import extract as stage
 
-    params = sections(base=base, extract=extract)
-    params["extract"]["gpus"] = int(gpus)  # the local runner passes ints as floats
+    params = with_gpus(sections(base=base, extract=extract), extract=gpus)
     if int(gpus):
         params["extract"]["device"] = "cuda"
     info = stage.run(params, prepared.path, features.path)
@@ -39,8 +38,7 @@ def extract_shard(base: str, extract: str, gpus: int, prepared: Input[Dataset], 
     """Features of shard `shard` (a run of whole batches) of every prepared split."""
     from mofe_ood import extract as stage
 
-    params = sections(base=base, extract=extract)
-    params["extract"]["gpus"] = int(gpus)
+    params = with_gpus(sections(base=base, extract=extract), extract=gpus)
     if int(gpus):
         params["extract"]["device"] = "cuda"
     stage.run_shard(params, prepared.path, features.path, int(shard))

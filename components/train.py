@@ -2,12 +2,12 @@
 
 from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 
-from components import component, log_metrics, sections
+from components import component, log_metrics, sections, with_gpus
 
 
 @component
-def train(base: str, extract: str, train: str, finetune: str, gpus: int, prepared: Input[Dataset],
-          features: Input[Dataset], models: Output[Model], metrics: Output[Metrics],
+def train(base: str, extract: str, train: str, finetune: str, gpus: int, extract_gpus: int,
+          prepared: Input[Dataset], features: Input[Dataset], models: Output[Model], metrics: Output[Metrics],
           history: Output[Markdown]):
     """Train every variant of `train.variants` into `models/<variant>/`; `history`: each
     variant's epochs as a table the KFP UI renders.
@@ -19,8 +19,8 @@ def train(base: str, extract: str, train: str, finetune: str, gpus: int, prepare
 
     from mofe_ood import train as stage
 
-    params = sections(base=base, extract=extract, train=train, finetune=finetune)
-    params["train"]["gpus"] = int(gpus)  # the local runner passes ints as floats
+    params = with_gpus(sections(base=base, extract=extract, train=train, finetune=finetune),
+                       extract=extract_gpus, train=gpus)
     if int(gpus):
         params["finetune"]["device"] = "cuda"
     result = stage.run(params, features.path, models.path, prepared.path)

@@ -2,32 +2,35 @@
 
 Stage modules are imported only when their command runs: importing torch, kfp,
 mlflow and dvc together costs ~10 s, which `mofe --help` should not pay.
+
+Errors: bad input (a `UserError`, a missing file, a server that does not answer) is the
+user's to fix and prints one line, exit status 2; anything else is a bug and keeps its
+traceback. With `-v`, every error shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 import yaml
 
-# command -> (module, help). Each stage module has run(params, ...) with default paths.
-STAGES = {
-    "prepare": ("mofe_ood.prepare", "build the ID splits and OOD sets under data/prepared"),
-    "extract": ("mofe_ood.extract", "frozen-backbone features under data/features"),
-    "train": ("mofe_ood.train", "train the heads (linear, mlp, mofe, mofe_dynmix) into models/"),
-    "evaluate": ("mofe_ood.evaluate", "every variant x OOD score x OOD set into reports/"),
-    "register": ("mofe_ood.register", "log the run to MLflow and register the model behind the promotion gate"),
-}
+from mofe_ood import stages
+from mofe_ood.errors import UserError
+from mofe_ood.params import ParamError, load, merged
+
+# What a user can fix: bad params, values or images, a missing file, a server that is down.
+USER_ERRORS = (UserError, FileNotFoundError, ConnectionError)
 # User commands (not pipeline stages): name -> help; arguments in add_user_commands.
 USER_COMMANDS = {
     "score": "classify images and flag OOD ones (one JSON line per image, or CSV with --out)",
     "promote": "move the registry's `champion` alias to a model version (same gate as register)",
     "validate": "check every params section at once, naming every bad key (the Kubeflow run's first step)",
+    "params": "print the params a run would use (a preset merged onto params.yaml, plus --set) as YAML",
     "push-raw": "copy raw data to S3 for container steps (default: Fashion-MNIST's files to "
                 "s3://$S3_BUCKET/raw/fashion-mnist)",
 }
@@ -39,7 +42,7 @@ def parse_set(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--set {item!r}: expected SECTION.KEY=VALUE")
+            raise ParamError(f"--set {item!r}: expected SECTION.KEY=VALUE")
         node = out
         *parents, leaf = key.split(".")
         for part in parents:
@@ -48,33 +51,42 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mofe", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name, (_, help_text) in STAGES.items():
-        sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-        sub.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                         help="override a param for this run only (repeatable)")
+def add_params_args(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--params", default="params.yaml",
+                     help="params file or preset, e.g. presets/full.yaml (default: params.yaml)")
+    sub.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override a param for this run only (repeatable)")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="mofe", description=__doc__.splitlines()[0])
+    top.add_argument("-v", "--verbose", action="store_true", help="log progress; tracebacks for every error")
+    commands = top.add_subparsers(dest="command", required=True)
+    for stage in stages.STAGES:
+        add_params_args(commands.add_parser(stage.name, help=stage.help))
     add_user_commands(commands)
-    args = parser.parse_args(argv)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-
-    from mofe_ood import params as params_mod
-
     try:
-        params = params_mod.merged(load_params(args.params, args.command), parse_set(args.set))
-        if args.command in USER_COMMANDS:
-            return {"score": score, "promote": promote, "push-raw": push_raw,
-                    "validate": validate}[args.command](args, params)
-        module = importlib.import_module(STAGES[args.command][0])
-        result = module.run(params)
-    except (params_mod.ParamError, FileNotFoundError, ConnectionError, ValueError) as err:
-        # Bad input is the user's to fix: one clear line, no stack trace.
+        return command(args)
+    except USER_ERRORS as err:
+        if args.verbose:
+            traceback.print_exc()
         print(f"mofe {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def command(args: argparse.Namespace) -> int:
+    params = merged(load_params(args.params, args.command), parse_set(args.set))
+    if args.command in USER_COMMANDS:
+        return {"score": score, "promote": promote, "push-raw": push_raw, "validate": validate,
+                "params": show_params}[args.command](args, params)
+    result = stages.get(args.command).load().run(params)
     summary = {k: v for k, v in (result or {}).items() if k != "splits"}
     if isinstance(result, dict) and "splits" in result:
         summary["splits"] = {k: v.get("count") for k, v in result["splits"].items()}
@@ -84,19 +96,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def load_params(path: str, command: str) -> dict:
     """The params file; `mofe score` also runs outside a project, without one."""
-    from mofe_ood import params as params_mod
-
     if command == "score" and path == "params.yaml" and not Path(path).is_file():
         return {}
-    return params_mod.load(path)
+    return load(path)
 
 
 def add_user_commands(commands) -> None:
     for name, help_text in USER_COMMANDS.items():
         sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-        sub.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                         help="override a param for this run only (repeatable)")
+        add_params_args(sub)
         if name == "score":
             sub.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (recursive)")
             sub.add_argument("--model", default="models:/mofe-ood@champion",
@@ -113,6 +121,9 @@ def add_user_commands(commands) -> None:
         elif name == "promote":
             sub.add_argument("--version", required=True, type=int, help="model version to promote")
             sub.add_argument("--force", action="store_true", help="promote even if the gate says no")
+        elif name == "params":
+            sub.add_argument("--out", help="write the YAML here (e.g. params.yaml, for dvc repro) "
+                                           "instead of stdout")
 
 
 def score(args, params: dict) -> int:
@@ -125,7 +136,7 @@ def score(args, params: dict) -> int:
     from mofe_ood.serving.detector import score_files
 
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size: {args.batch_size} must be >= 1")
+        raise UserError(f"--batch-size: {args.batch_size} must be >= 1")
     started = time.perf_counter()
     paths = list_images(args.paths)
     if not paths:
@@ -172,13 +183,26 @@ def validate(args, params: dict) -> int:
     return 0
 
 
+def show_params(args, params: dict) -> int:
+    """`mofe params`: the merged params as one file, for tools that read params.yaml only (dvc)."""
+    from mofe_ood import validate as check
+
+    check.run(params)  # never write params a stage would refuse
+    text = yaml.safe_dump(params, sort_keys=False)
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def push_raw(args, params: dict) -> int:
     """`mofe push-raw`: what a container step reads instead of a host folder (see prepare.py)."""
     import os
 
     from mofe_ood import storage
 
-    src = args.src or (params.get("prepare") or {}).get("fashion_mnist_dir") or os.environ.get(
+    src = args.src or params["prepare"]["fashion_mnist_dir"] or os.environ.get(
         "FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
     if not Path(src).exists():
         raise FileNotFoundError(f"--src {src!r} does not exist")

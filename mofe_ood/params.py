@@ -1,4 +1,9 @@
-"""params.yaml: the single source of every knob, shared by `dvc repro` and Kubeflow."""
+"""params.yaml: the single source of every knob, shared by `dvc repro` and Kubeflow.
+
+A preset (presets/*.yaml) is an overlay: its top-level `overlay_of` names the file it
+changes (relative to the preset), and it holds only the keys whose values differ. `load`
+merges it onto that file, so every command that takes `--params` takes a preset (ours).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,11 @@ class ParamError(UserError):
     """A parameter has a value the code cannot use; the message names it."""
 
 
-def load(path: str | Path = "params.yaml") -> dict:
+OVERLAY_KEY = "overlay_of"
+
+
+def load(path: str | Path = "params.yaml", _seen: tuple[Path, ...] = ()) -> dict:
+    """The params of `path`; a preset comes back merged onto the file it overlays."""
     path = Path(path)
     if not path.is_file():
         raise ParamError(f"params file {str(path)!r} does not exist")
@@ -23,7 +32,15 @@ def load(path: str | Path = "params.yaml") -> dict:
         params = yaml.safe_load(f) or {}
     if not isinstance(params, dict):
         raise ParamError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
-    return params
+    base = params.pop(OVERLAY_KEY, None)
+    if base is None:
+        return params
+    if not isinstance(base, str) or not base:
+        raise ParamError(f"{path}: {OVERLAY_KEY}: {base!r} must be the path of a params file")
+    base_path = (path.parent / base).resolve()
+    if base_path in _seen or base_path == path.resolve():
+        raise ParamError(f"{path}: {OVERLAY_KEY}: {base!r} overlays itself (a cycle of presets)")
+    return merged(load(base_path, (*_seen, path.resolve())), params)
 
 
 def merged(base: dict, override: dict | None) -> dict:

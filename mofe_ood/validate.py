@@ -1,9 +1,9 @@
 """`mofe validate`: every params section checked at once, before any stage runs (ours).
 
-Two kinds of mistakes, all reported together, each naming its key:
-- a key that params.yaml does not have (a typo: the stage would silently take its default);
-- a value a stage would refuse: each section goes through its stage's own checker, the code
-  the stage runs first, so the rules live in one place.
+Each section is built into its config object by the function its stage runs first
+(`config(params)` of the stage module, see CONFIGS): a missing or unknown key (with a
+"did you mean") and a value the stage would refuse are found there, so the rules live in
+one place. Here they are only collected: every problem of every section, reported together.
 
 The Kubeflow pipeline runs this as its first step, so a typo in `register` fails in seconds
 instead of after extraction and training. A device is checked as a choice, not for being
@@ -13,16 +13,33 @@ there: the step that checks may run where the GPU step will not.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
+import importlib
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from mofe_ood.params import ParamError, check_choice, check_number, load
+from mofe_ood import stages
+from mofe_ood.params import ParamError, check_choice, load
 
 REFERENCE = Path(__file__).resolve().parents[1] / "params.yaml"
 # Mappings whose keys the user names (OOD sets, node labels, timm kwargs): any key goes.
 OPEN = {"prepare.ood", "evaluate.extra_ood", "finetune.backbone_kwargs", "kfp.gpu_node_selector"}
 DEVICES = ("auto", "cpu", "cuda")
+# Sections no stage module owns, and the function that builds each one's config object.
+OTHER_CONFIGS = {"base": "mofe_ood.config:base", "finetune": "mofe_ood.finetune:config",
+                 "kfp": "mofe_ood.stages:kfp_config"}
+
+
+def config_function(target: str) -> Callable[[dict], Any] | None:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name, None)
+
+
+def configs() -> dict[str, str]:
+    """section -> `module:function` building its config object (each stage's section: its `config`)."""
+    out = {stage.name: f"{stage.module}:config" for stage in stages.STAGES}
+    return {**out, **OTHER_CONFIGS}
 
 
 def unknown_keys(params: dict, reference: dict, prefix: str = "") -> list[str]:
@@ -39,80 +56,76 @@ def unknown_keys(params: dict, reference: dict, prefix: str = "") -> list[str]:
     return found
 
 
-def _prepare(params: dict) -> None:
-    from mofe_ood import prepare
-
-    prepare._context(params)
-    prepare.check_classes((params["prepare"].get("id") or {}).get("classes"))
-    for name, spec in prepare.ood_specs(params).items():
-        if not isinstance(spec, dict):
-            raise ParamError(f"prepare.ood.{name}: expected a mapping with source and group, got {spec!r}")
-        check_choice(f"prepare.ood.{name}.source", spec.get("source"), prepare.OOD_SOURCES)
-        check_choice(f"prepare.ood.{name}.group", spec.get("group"), prepare.GROUPS)
-    check_choice("prepare.id.source", (params["prepare"].get("id") or {}).get("source"), prepare.ID_SOURCES)
-
-
-def _extract(params: dict) -> None:
-    from mofe_ood import backbones
-
-    p = params.get("extract") or {}
-    backbones._check(str(p.get("backbone")), str(p.get("weights")), p.get("image_size"))
-    check_number("extract.batch_size", p.get("batch_size"), low=1, integer=True)
-    check_number("extract.num_threads", p.get("num_threads"), low=1, integer=True, allow_none=True)
-    check_number("extract.shards", p.get("shards", 1), low=1, integer=True)
-    check_number("extract.gpus", p.get("gpus", 0), low=0, integer=True)
-
-
-def _train(params: dict) -> None:
-    from mofe_ood import train
-
-    train.config(params)
-
-
-def _finetune(params: dict) -> None:
-    from mofe_ood import finetune
-
-    finetune.config(params)
-
-
-def _evaluate(params: dict) -> None:
-    from mofe_ood import evaluate
-    from mofe_ood.train import trained_variants
-
-    evaluate.check(params, [evaluate.FROZEN, *trained_variants(params)])
-
-
-def _register(params: dict) -> None:
-    from mofe_ood import register
-
-    register.config(params)
-
-
-CHECKS: dict[str, Callable[[dict], None]] = {
-    "prepare": _prepare, "extract": _extract, "train": _train, "finetune": _finetune,
-    "evaluate": _evaluate, "register": _register,
-}
-
-
-def problems(params: dict, reference: dict | None = None) -> list[str]:
-    """Every problem of `params`, one line each (empty: the params are good)."""
-    reference = load(REFERENCE) if reference is None else reference
-    found = unknown_keys(params, reference)
-    checkable = copy.deepcopy(params)
-    for section in ("extract", "finetune"):  # a choice here; whether CUDA is there, in the stage
-        p = checkable.get(section)
-        if isinstance(p, dict):
+def checkable(params: dict, found: list[str]) -> dict:
+    """`params` with each device checked as a choice here, then set to cpu for the config checks."""
+    out = copy.deepcopy(params)
+    for section in ("extract", "finetune"):  # whether CUDA is there is the stage's to find out
+        p = out.get(section)
+        if isinstance(p, dict) and "device" in p:
             try:
-                check_choice(f"{section}.device", p.get("device", "auto"), DEVICES)
+                check_choice(f"{section}.device", p["device"], DEVICES)
             except ParamError as err:
                 found.append(str(err))
             p["device"] = "cpu"
-    for section, check in CHECKS.items():
+    return out
+
+
+def problems(params: dict, reference: dict | None = None) -> list[str]:
+    """Every problem of `params`, one line each (empty: the params are good).
+
+    `reference`: the params whose sections are the known ones (default: the project's
+    params.yaml); a section of it that `params` lacks is not checked (a KFP step gets only
+    the sections it reads).
+    """
+    reference = load(REFERENCE) if reference is None else reference
+    found = unknown_keys({k: None for k in params}, reference)  # a section params.yaml lacks
+    known = checkable(params, found)
+    for section, target in configs().items():
+        if section not in params:
+            continue
+        build = config_function(target)
         try:
-            check(copy.deepcopy(checkable))
+            if build is None:
+                _legacy_check(section, known)
+                found += unknown_keys({section: params[section]}, reference)
+                continue
+            config = build(copy.deepcopy(known))
+            if not dataclasses.is_dataclass(config):  # a config still kept as a dict names no bad key
+                found += unknown_keys({section: params[section]}, reference)
         except (ParamError, TypeError, KeyError, AttributeError) as err:  # a wrong type reads as these
             found.append(str(err) if isinstance(err, ParamError) else f"{section}: {type(err).__name__}: {err}")
-    return found
+    return list(dict.fromkeys(found))  # a config that reads two sections (finetune: train's too) says it twice
+
+
+def _legacy_check(section: str, params: dict) -> None:
+    """The checks of a stage that has no `config(params)` yet (prepare, extract, evaluate before
+    their frozen config objects). Remove when every stage module has `config`."""
+    if section == "prepare":
+        from mofe_ood import prepare
+
+        prepare._context(params)
+        prepare.check_classes((params["prepare"].get("id") or {}).get("classes"))
+        for name, spec in prepare.ood_specs(params).items():
+            if not isinstance(spec, dict):
+                raise ParamError(f"prepare.ood.{name}: expected a mapping with source and group, got {spec!r}")
+            check_choice(f"prepare.ood.{name}.source", spec.get("source"), prepare.OOD_SOURCES)
+            check_choice(f"prepare.ood.{name}.group", spec.get("group"), prepare.GROUPS)
+        check_choice("prepare.id.source", (params["prepare"].get("id") or {}).get("source"), prepare.ID_SOURCES)
+    elif section == "extract":
+        from mofe_ood import backbones
+        from mofe_ood.params import check_number
+
+        p = params["extract"]
+        backbones._check(str(p.get("backbone")), str(p.get("weights")), p.get("image_size"))
+        check_number("extract.batch_size", p.get("batch_size"), low=1, integer=True)
+        check_number("extract.num_threads", p.get("num_threads"), low=1, integer=True, allow_none=True)
+        check_number("extract.shards", p.get("shards"), low=1, integer=True)
+        check_number("extract.gpus", p.get("gpus"), low=0, integer=True)
+    elif section == "evaluate":
+        from mofe_ood import evaluate
+        from mofe_ood.train import trained_variants
+
+        evaluate.check(params, [evaluate.FROZEN, *trained_variants(params)])
 
 
 def run(params: dict, reference: dict | None = None) -> dict:

@@ -1,12 +1,21 @@
-"""Shared fixtures. `seaweedfs`: a real S3 server (SeaweedFS) for the test session.
+"""Shared fixtures: test modules share builders through these, never by importing each other.
 
-It is started through infra/services.sh, the same script `make services` runs,
-but on free loopback ports, in a temporary folder and with random credentials,
-so it never clashes with (or touches the data of) a developer's running services.
+- `tiny_project`, `tiny_params`, `tiny_run`, `tiny_variant`, `tiny_images`: a real, tiny run
+  of the pipeline (prepare -> extract -> train -> evaluate) built once per session.
+- `small_run`: the smallest params a whole `dvc repro` runs on (prepare and extract shrunk).
+- `seaweedfs`: a real S3 server (SeaweedFS) for the test session. It is started through
+  infra/services.sh, the same script `make services` runs, but on free loopback ports, in a
+  temporary folder and with random credentials, so it never clashes with (or touches the
+  data of) a developer's running services.
+- `free_ports`, `clean_env`, `project_root`, `venv_bin`, `services_sh`: helpers and paths for
+  tests that start servers and subprocesses.
+
+Other engineers' fixtures go at the very end of this file.
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import secrets
 import shutil
@@ -17,8 +26,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import pytest
+
+from mofe_ood.params import load, merged
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ROOT / "infra" / "services.sh"
@@ -148,6 +161,178 @@ def seaweedfs(tmp_path_factory) -> SeaweedFS:
         for sock in [*Path("/tmp").glob(f"seaweedfs-*-{port}.sock"),
                      *Path("/tmp").glob(f"seaweedfs-*-{port + 10000}.sock")]:
             sock.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def free_ports() -> Callable[[int], list[int]]:
+    """`free_ports(n)`: n ports p with p and p + 10000 both free (SeaweedFS's http + gRPC pairs)."""
+    return free_port_pairs
+
+
+@pytest.fixture(name="clean_env", scope="session")
+def clean_env_fixture() -> Callable[..., dict[str, str]]:
+    """`clean_env(home, **extra)`: a minimal environment for subprocesses (no AWS/DVC/MLflow settings)."""
+    return clean_env
+
+
+@pytest.fixture(scope="session")
+def project_root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def venv_bin() -> Path:
+    """The folder of this Python's executables (dvc, mofe, weed)."""
+    return BIN
+
+
+@pytest.fixture(scope="session")
+def services_sh() -> Path:
+    """infra/services.sh, what `make services` runs."""
+    return SERVICES
+
+
+# ------------------------------------------------------------------ the tiny pipeline
+
+TINY_VARIANT = "mofe_dynmix"
+# Real images, the packaged backbone at 32 px, a small MoFE + Dynamic-beta Mixup head:
+# ~20-40 s on 2 cores.
+TINY_RUN = {
+    "prepare": {
+        "id": {"train_per_class": 20, "val_per_class": 10, "test_per_class": 10},
+        "ood": {"fmnist_near": {"count": 60}, "mnist": {"count": 20}, "textile": {"count": 4},
+                "textures": {"count": 6, "crop_size": 32}},
+    },
+    "extract": {"image_size": 32, "batch_size": 64},
+    "train": {"variants": [TINY_VARIANT], "epochs": 3, "expert_epochs": 2, "router_epochs": 2,
+              "batch_size": 64, "hidden_features": 32, "mofe": {"num_experts": 2}},
+    "evaluate": {"variants": ["frozen", TINY_VARIANT], "scores": ["knn", "energy"], "default_score": "knn",
+                 "tpr": 0.95, "knn_k": [5], "vim_dim": [8], "extra_ood": {}},
+    "register": {"variant": TINY_VARIANT, "model_name": "mofe-ood", "experiment": "mofe-ood-test",
+                 "gate_metric": "near.auroc", "margin": 0.001, "accuracy_tolerance": 0.005},
+}
+# The smallest whole run: a few images per class at 64 px, the rest as params.yaml says.
+SMALL_RUN = {
+    "prepare": {
+        "id": {"train_per_class": 4, "val_per_class": 2, "test_per_class": 3},
+        "ood": {"fmnist_near": {"count": 5}, "mnist": {"count": 5}, "textile": {"count": 3},
+                "textures": {"count": 3, "crop_size": 32}},
+    },
+    "extract": {"image_size": 64, "batch_size": 16},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_variant() -> str:
+    """The variant the tiny run trains, evaluates and registers."""
+    return TINY_VARIANT
+
+
+@pytest.fixture(scope="session")
+def tiny_run() -> Callable[[], dict]:
+    """`tiny_run()`: a fresh copy of the tiny run's params (params.yaml merged with TINY_RUN)."""
+    return lambda: merged(load(ROOT / "params.yaml"), TINY_RUN)
+
+
+@pytest.fixture
+def tiny_params(tiny_run) -> dict:
+    """The tiny run's params, a fresh copy for each test."""
+    return tiny_run()
+
+
+@pytest.fixture(scope="session")
+def small_run() -> Callable[[], dict]:
+    """`small_run()`: a fresh copy of the smallest whole run's params (params.yaml + SMALL_RUN)."""
+    return lambda: merged(load(ROOT / "params.yaml"), SMALL_RUN)
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory, tiny_run) -> Path:
+    """A project folder after the tiny run: params.yaml (the tiny run's), data/, models/,
+    reports/, and images/<split>/*.png (what a user would point `mofe score` at), built once
+    per session. Tests share it: write nothing into it that another test reads."""
+    import yaml
+    from PIL import Image
+
+    from mofe_ood import evaluate, extract, prepare, train
+
+    root = tmp_path_factory.mktemp("tiny_pipeline")
+    params = tiny_run()
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    prepare.run(params, root / "data" / "prepared")
+    extract.run(params, root / "data" / "prepared", root / "data" / "features")
+    train.run(params, root / "data" / "features", root / "models")
+    evaluate.run(params, root / "data" / "features", root / "models", root / "reports")
+    for split in ("test", "fmnist_near"):
+        (root / "images" / split).mkdir(parents=True)
+        for i, image in enumerate(prepare.load_split(root / "data" / "prepared", split).images):
+            Image.fromarray(image).save(root / "images" / split / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_images(tiny_project) -> Callable[[str], np.ndarray]:
+    """`tiny_images(split)`: the prepared images of a split of the tiny run."""
+    from mofe_ood.prepare import load_split
+
+    return lambda split: load_split(tiny_project / "data" / "prepared", split).images
+
+
+# ------------------------------------------------------------------ the package's import graph
+
+PACKAGE = ROOT / "mofe_ood"
+
+
+def package_modules(package: Path) -> dict[str, Path]:
+    """Every module of `package` by dotted name (a package by its own name, from its __init__.py)."""
+    out = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The modules of `modules` that module `name` imports, at the top or inside functions.
+
+    `from a import b` counts as a.b where a.b is a module, else as a; each package a module
+    sits in counts too (Python runs its __init__ first), except the top package.
+    """
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the module's package up
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+    with_parents = set()
+    for module in found:
+        parts = module.split(".")
+        with_parents |= {".".join(parts[:i]) for i in range(2, len(parts) + 1)}
+    return {m for m in with_parents if m in modules and m != name}
+
+
+def build_import_graph(package: Path) -> dict[str, set[str]]:
+    modules = package_modules(package)
+    return {name: imported_modules(name, path, modules) for name, path in modules.items()}
+
+
+@pytest.fixture(scope="session")
+def import_graph_of() -> Callable[[Path], dict[str, set[str]]]:
+    """`import_graph_of(package_dir)`: module -> the modules of that package it imports
+    (imports inside functions included), read from the source."""
+    return build_import_graph
+
+
+@pytest.fixture(scope="session")
+def import_graph() -> dict[str, set[str]]:
+    """The import graph of mofe_ood (see import_graph_of)."""
+    return build_import_graph(PACKAGE)
 
 
 # ---------------------------------------------------------------- training fixtures

@@ -20,7 +20,6 @@ import pytest
 import yaml
 
 from mofe_ood.params import merged
-from tests import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SH = ROOT / "infra" / "image.sh"
@@ -121,8 +120,7 @@ def raw_s3(seaweedfs, tmp_path_factory):
 
 
 def docker_run(tmp_path: Path, server, docker_host: str, image: str, *args: str,
-               params: dict | None = None, timeout: int = 1200, **env: str) -> subprocess.CompletedProcess:
-    params = params or tiny_pipeline.tiny_params()
+               params: dict, timeout: int = 1200, **env: str) -> subprocess.CompletedProcess:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return sh(sys.executable, "pipeline.py", "run", "--runner", "docker", "--image", image,
               "--params", tmp_path / "params.yaml", "--root", tmp_path / "root", *args,
@@ -131,23 +129,24 @@ def docker_run(tmp_path: Path, server, docker_host: str, image: str, *args: str,
 
 
 @pytest.mark.slow
-def test_prepare_runs_in_the_image_on_data_from_s3(raw_s3, docker_host, image, tmp_path):
+def test_prepare_runs_in_the_image_on_data_from_s3(raw_s3, docker_host, image, tmp_path, tiny_params):
     """No host folder but the pipeline root: Fashion-MNIST from S3, the rest from the image."""
-    done = docker_run(tmp_path, raw_s3, docker_host, image, "--until", "prepare")
+    done = docker_run(tmp_path, raw_s3, docker_host, image, "--until", "prepare", params=tiny_params)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (prepared,) = (tmp_path / "root").glob("mofe-ood-*/prepare/prepared")
     manifest = json.loads((prepared / "manifest.json").read_text())
     # The same arrays as prepare on the host, from the host's folder.
     from mofe_ood import prepare
 
-    host = prepare.run(tiny_pipeline.tiny_params(), tmp_path / "host")
+    host = prepare.run(tiny_params, tmp_path / "host")
     assert {k: v["sha256"] for k, v in manifest["splits"].items()} == \
            {k: v["sha256"] for k, v in host["splits"].items()}
 
 
 @pytest.mark.slow
-def test_a_step_that_fails_in_its_container_fails_the_run_at_that_step(raw_s3, docker_host, image, tmp_path):
-    params = merged(tiny_pipeline.tiny_params(), {"prepare": {"fashion_mnist_dir": "s3://nowhere-bucket/raw"}})
+def test_a_step_that_fails_in_its_container_fails_the_run_at_that_step(raw_s3, docker_host, image, tmp_path,
+                                                                       tiny_params):
+    params = merged(tiny_params, {"prepare": {"fashion_mnist_dir": "s3://nowhere-bucket/raw"}})
     done = docker_run(tmp_path, raw_s3, docker_host, image, params=params)
     assert done.returncode == 1
     assert "finished with status FAILURE. Inner task failed: 'prepare'" in done.stderr
@@ -156,11 +155,9 @@ def test_a_step_that_fails_in_its_container_fails_the_run_at_that_step(raw_s3, d
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(raw_s3):
+def mlflow_server(raw_s3, free_ports):
     """An MLflow server beside the test S3 server (infra/services.sh, free port)."""
-    from tests.conftest import free_port_pairs
-
-    env = {**raw_s3.env, "MLFLOW_PORT": str(free_port_pairs(1)[0])}
+    env = {**raw_s3.env, "MLFLOW_PORT": str(free_ports(1)[0])}
     done = subprocess.run(["bash", str(ROOT / "infra" / "services.sh"), "start", "--mlflow"], env=env,
                           capture_output=True, text=True, timeout=200)
     assert done.returncode == 0, done.stderr
@@ -170,12 +167,12 @@ def mlflow_server(raw_s3):
 
 @pytest.mark.slow
 def test_the_whole_pipeline_in_containers_matches_the_host_and_records_its_lineage(
-        raw_s3, docker_host, image, mlflow_server, tmp_path, tmp_path_factory):
-    done = docker_run(tmp_path, raw_s3, docker_host, image, MLFLOW_TRACKING_URI=mlflow_server)
+        raw_s3, docker_host, image, mlflow_server, tmp_path, tiny_params, tiny_project):
+    done = docker_run(tmp_path, raw_s3, docker_host, image, params=tiny_params, MLFLOW_TRACKING_URI=mlflow_server)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (run,) = (tmp_path / "root").glob("mofe-ood-*")
     got = json.loads((run / "evaluate" / "reports" / "metrics.json").read_text())
-    expected = json.loads((tiny_pipeline.build(tmp_path_factory) / "reports" / "metrics.json").read_text())
+    expected = json.loads((tiny_project / "reports" / "metrics.json").read_text())
 
     def numbers(tree, prefix=""):
         for key, value in tree.items():

@@ -1,4 +1,7 @@
-"""The user's main path: `dvc repro` in a fresh clone runs the stages, a second run re-runs none."""
+"""The user's main path: `dvc repro` in a fresh clone runs the stages, a second run re-runs none.
+
+Slow (whole `dvc repro` runs, on the smallest run conftest.py's `small_run` gives).
+"""
 
 import os
 import shutil
@@ -9,11 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_extract import TINY
-from mofe_ood.params import load, merged
-
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
 
 
 def sh(*cmd, cwd):
@@ -23,14 +24,14 @@ def sh(*cmd, cwd):
 
 
 @pytest.fixture(scope="module")
-def clone(tmp_path_factory):
+def clone(tmp_path_factory, small_run):
     dest = tmp_path_factory.mktemp("clone")
     files = sh("git", "ls-files", "--cached", "--others", "--exclude-standard", cwd=ROOT).split()
     for f in files:
         if (ROOT / f).is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, dest / f)
-    params = merged(load(ROOT / "params.yaml"), TINY)
+    params = small_run()
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "init", "-q", cwd=dest)
     sh("git", "add", "-A", cwd=dest)

@@ -1,6 +1,5 @@
 """The Kubeflow pipeline (pipeline.py, components/): its IR, a whole local run, and submit."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,13 +15,12 @@ import yaml
 from google.protobuf import json_format
 from kfp.pipeline_spec.pipeline_spec_pb2 import PipelineSpec, PlatformSpec
 
-from mofe_ood import extract
+from mofe_ood import extract, stages
 from mofe_ood.params import load, merged
-from tests import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["prepare", "extract", "train", "evaluate", "register"]
-# tests/tiny_pipeline.py's run, extraction in 2 shards of whole batches of 64 images.
+STAGES = stages.names()
+# The tiny run (conftest.py), extraction in 2 shards of whole batches of 64 images.
 SHARDED = {"extract": {"shards": 2}}
 FAKE_SECRET = "not-a-real-secret-5f3a9c"
 IMAGE = "registry.example.org/mofe-ood:test"
@@ -35,10 +33,6 @@ def pipeline_py(*args, env=None, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
-
-
-def available(stage: str) -> bool:
-    return importlib.util.find_spec(f"mofe_ood.{stage}") is not None
 
 
 # ------------------------------------------------------------------ the compiled IR
@@ -241,40 +235,41 @@ def test_register_gets_the_kfp_run_id_and_image(ir):
     assert inputs["image"]["runtimeValue"]["constant"] == IMAGE
 
 
-def test_components_take_the_params_sections_dvc_yaml_lists(ir):
-    """Each step gets (and KFP caches it on) the sections its DVC stage depends on."""
+def test_components_take_the_sections_of_the_stage_table(ir):
+    """Each step gets (and KFP caches it on) the sections its stage reads; dvc.yaml lists no
+    other (tests/test_dvc_stages.py)."""
     _, spec, _, _ = ir
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for stage, body in stages.items():
-        inputs = spec["components"][f"comp-{stage}"]["inputDefinitions"]["parameters"]
-        listed = {p.split(".")[0] for p in body.get("params", []) if isinstance(p, str)}
-        assert listed <= set(inputs), f"{stage}: dvc.yaml lists {listed}, component takes {set(inputs)}"
+    for stage in stages.STAGES:
+        inputs = spec["components"][f"comp-{stage.name}"]["inputDefinitions"]["parameters"]
+        assert set(inputs) & set(stages.sections()) == set(stage.sections), stage.name
+
+
+def test_pods_are_the_stage_tables(ir):
+    _, spec, _, _ = ir
+    for stage in stages.STAGES:
+        resources = spec["deploymentSpec"]["executors"][f"exec-{stage.name}"]["container"]["resources"]
+        assert resources["resourceCpuRequest"] == f"{stage.pod.cpu:g}"
+        assert resources["resourceMemoryLimit"] == stage.pod.memory
 
 
 # ------------------------------------------------------------------ a whole run on this machine
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory):
-    """`python pipeline.py run` on tiny params, as far as the stages written so far go."""
+def local_run(tmp_path_factory, tiny_run):
+    """`python pipeline.py run` on tiny params, every stage."""
     tmp = tmp_path_factory.mktemp("kfp")
-    params = merged(tiny_pipeline.tiny_params(), SHARDED)
+    params = merged(tiny_run(), SHARDED)
     (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    until = "extract"
-    for stage in STAGES[2:]:
-        if not available(stage):
-            break
-        until = stage
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    done = pipeline_py("run", "--params", tmp / "params.yaml", "--root", tmp / "root",
-                       "--until", until, env=env, timeout=600)
+    done = pipeline_py("run", "--params", tmp / "params.yaml", "--root", tmp / "root", env=env, timeout=600)
     (run,) = (tmp / "root").glob("mofe-ood-*")
-    return params, run, until, done.stdout
+    return params, run, done.stdout
 
 
 @pytest.mark.slow
 def test_local_run_shards_extraction_and_matches_unsharded_extract(local_run, tmp_path):
-    params, run, _, stdout = local_run
+    params, run, stdout = local_run
     features = run / "merge-features" / "features"
     assert str(features) in stdout  # the CLI says where the artifacts landed
     shards = sorted(run.glob("for-loop-*/extract-shard/features"))
@@ -332,13 +327,10 @@ def test_shards_tile_every_split_in_whole_batches():
 
 
 @pytest.mark.slow
-def test_local_run_writes_the_metrics_dvc_repro_writes(local_run, tmp_path_factory):
-    params, run, until, _ = local_run
-    if STAGES.index(until) < STAGES.index("evaluate"):
-        pytest.skip("mofe_ood.train / mofe_ood.evaluate not written yet: pipeline run stops at "
-                    f"{until!r}")
+def test_local_run_writes_the_metrics_dvc_repro_writes(local_run, tiny_project, tiny_variant):
+    params, run, _ = local_run
     # The same params through the stage functions `dvc repro` runs (shared with other tests).
-    expected = json.loads((tiny_pipeline.build(tmp_path_factory) / "reports" / "metrics.json").read_text())
+    expected = json.loads((tiny_project / "reports" / "metrics.json").read_text())
     got = json.loads((run / "evaluate" / "reports" / "metrics.json").read_text())
 
     def keys(tree, prefix=""):
@@ -350,7 +342,7 @@ def test_local_run_writes_the_metrics_dvc_repro_writes(local_run, tmp_path_facto
     # the best other (variant, score); results.md, the ROC curve and the plots render there too.
     logged = json.loads((run / "evaluate" / "executor_output.json").read_text())["artifacts"]
     (metrics,) = logged["metrics"]["artifacts"]
-    variant = tiny_pipeline.VARIANT
+    variant = tiny_variant
     assert metrics["metadata"][f"{variant}/near_auroc"] == got[variant]["knn"]["near"]["auroc"]
     assert metrics["metadata"][f"{variant}/id_accuracy"] == got[variant]["id_accuracy"]
     assert metrics["metadata"]["best_baseline/name"].startswith("frozen/")
@@ -367,9 +359,7 @@ def test_local_run_writes_the_metrics_dvc_repro_writes(local_run, tmp_path_facto
 
 @pytest.mark.slow
 def test_local_run_registers_the_model(local_run):
-    params, run, until, _ = local_run
-    if until != "register":
-        pytest.skip(f"mofe_ood.register not written yet: pipeline run stops at {until!r}")
+    params, run, _ = local_run
     registration = json.loads((run / "register" / "registration").read_text())
     assert registration["version"] == 1 and registration["model_name"] == params["register"]["model_name"]
 
@@ -497,15 +487,11 @@ def test_the_validate_step_names_every_bad_key_of_a_run(tmp_path):
 
     params = load(ROOT / "params.yaml")
     arguments = pipeline.arguments(params, "cluster")
-    validate.python_func(**{k: arguments[k] for k in ("base", "prepare", "extract", "train", "finetune",
-                                                      "evaluate", "register", "extract_gpus", "train_gpus")},
-                         reference=json.dumps(params))
+    validate.python_func(**arguments, reference=json.dumps(params))
     bad = {**arguments, "register": json.dumps({**params["register"], "modle_name": "x"}),
            "train": json.dumps({**params["train"], "epochs": -1}), "extract_gpus": -2}
     with pytest.raises(ParamError) as err:
-        validate.python_func(**{k: bad[k] for k in ("base", "prepare", "extract", "train", "finetune",
-                                                    "evaluate", "register", "extract_gpus", "train_gpus")},
-                             reference=json.dumps(params))
+        validate.python_func(**bad, reference=json.dumps(params))
     message = str(err.value)
     assert "3 problem(s)" in message
     assert "register.modle_name: not a known key (did you mean register.model_name?)" in message
