@@ -6,29 +6,25 @@ import json
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from mofe_ood import cli, metrics
 from mofe_ood.images import encode_png
+from mofe_ood.prepare import load_split
 from mofe_ood.serving import bundle
 from mofe_ood.serving.detector import Detector
 from mofe_ood.serving.pyfunc import rows_from_input
-from mofe_ood.prepare import load_split
-from tests.tiny_pipeline import VARIANT, build, split_images, tiny_params
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root = build(tmp_path_factory)
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
-    return root
+def project(tiny_project):
+    return tiny_project
 
 
 @pytest.fixture(scope="module")
-def detector(project):
-    return bundle.from_pipeline(VARIANT, project / "models", project / "data" / "features",
-                                  project / "reports", tiny_params())
+def detector(project, tiny_variant, tiny_run):
+    return bundle.from_pipeline(tiny_variant, project / "models", project / "data" / "features",
+                                project / "reports", tiny_run())
 
 
 def reports(project, name):
@@ -47,21 +43,21 @@ def bad_files(folder):
             "huge.png": "image too large"}
 
 
-def test_detector_computes_what_evaluate_computes(project, detector):
+def test_detector_computes_what_evaluate_computes(project, detector, tiny_variant, tiny_images):
     # The same folded backbone as extract (BatchNorm in the convolutions), the same numbers.
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in detector.backbone.modules())
-    ref = np.load(project / "reports" / "scores" / f"{VARIANT}__knn.npz")
-    test, near = (detector.predict(split_images(project, s)) for s in ("test", "fmnist_near"))
+    ref = np.load(project / "reports" / "scores" / f"{tiny_variant}__knn.npz")
+    test, near = (detector.predict(tiny_images(s)) for s in ("test", "fmnist_near"))
     np.testing.assert_allclose(test.ood_score, ref["test"], rtol=0, atol=1e-5)
     np.testing.assert_allclose(near.ood_score, ref["fmnist_near"], rtol=0, atol=1e-5)
     auroc = metrics.ood_metrics(test.ood_score, near.ood_score)["auroc"]
-    assert abs(auroc - reports(project, "metrics.json")[VARIANT]["knn"]["fmnist_near"]["auroc"]) <= 1e-6
+    assert abs(auroc - reports(project, "metrics.json")[tiny_variant]["knn"]["fmnist_near"]["auroc"]) <= 1e-6
     # The decision is evaluate's calibrated threshold; the class is the head's argmax.
-    assert detector.threshold == reports(project, "thresholds.json")[VARIANT]["threshold"]
+    assert detector.threshold == reports(project, "thresholds.json")[tiny_variant]["threshold"]
     assert (test.is_ood == (test.ood_score < detector.threshold)).all()
     labels = load_split(project / "data" / "prepared", "test").labels
     assert np.mean(test.class_index == labels) == pytest.approx(
-        reports(project, "metrics.json")[VARIANT]["id_accuracy"], abs=1e-9)
+        reports(project, "metrics.json")[tiny_variant]["id_accuracy"], abs=1e-9)
     np.testing.assert_allclose(test.probabilities.sum(1), 1, atol=1e-5)
 
 
@@ -84,8 +80,8 @@ def test_bundle_is_safetensors_and_json_and_loads_back_identical(detector, tmp_p
     np.testing.assert_array_equal(again.predict(batch).ood_score, a.ood_score)
 
 
-def test_paths_bytes_and_arrays_give_the_same_predictions(project, detector, tmp_path):
-    gray = split_images(project, "test")[:5]
+def test_paths_bytes_and_arrays_give_the_same_predictions(project, detector, tmp_path, tiny_images):
+    gray = tiny_images("test")[:5]
     paths = sorted((project / "images" / "test").glob("*.png"))[:5]
     from_array = detector.predict(gray)
     for images in (paths, [str(p) for p in paths], [p.read_bytes() for p in paths], list(gray),
@@ -135,36 +131,36 @@ def test_model_input_rows_fail_one_by_one_and_past_the_row_limit(project, detect
         rows_from_input({"img": [good]}, max_rows=5)
 
 
-def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(project, detector):
+def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(project, detector, tiny_images):
     from concurrent.futures import ThreadPoolExecutor
 
-    images = split_images(project, "test")[:16]
+    images = tiny_images("test")[:16]
     alone = detector.predict(images).ood_score
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda i: detector.predict(images[i:i + 1]).ood_score[0], range(16)))
     np.testing.assert_allclose(together, alone, atol=1e-5)
 
 
-def test_score_cli_json_lines_give_evaluate_auroc(project, monkeypatch, capsys):
+def test_score_cli_json_lines_give_evaluate_auroc(project, monkeypatch, capsys, tiny_variant):
     monkeypatch.chdir(project)
-    assert cli.main(["score", "images/test", "images/fmnist_near", "--model", f"models/{VARIANT}"]) == 0
+    assert cli.main(["score", "images/test", "images/fmnist_near", "--model", f"models/{tiny_variant}"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(rows) == 70 + 60
     assert set(rows[0]) == {"path", "class", "probability", "ood_score", "is_ood"}
     scores = {s: np.array([r["ood_score"] for r in rows if f"/{s}/" in r["path"]]) for s in ("test", "fmnist_near")}
     auroc = metrics.ood_metrics(scores["test"], scores["fmnist_near"])["auroc"]
-    assert abs(auroc - reports(project, "metrics.json")[VARIANT]["knn"]["near"]["auroc"]) <= 1e-6
+    assert abs(auroc - reports(project, "metrics.json")[tiny_variant]["knn"]["near"]["auroc"]) <= 1e-6
     assert {r["class"] for r in rows} <= set(json.loads((project / "data/features/info.json").read_text())["classes"])
 
 
-def test_score_cli_csv_reports_bad_files_and_goes_on(project, tmp_path, monkeypatch, capsys):
+def test_score_cli_csv_reports_bad_files_and_goes_on(project, tmp_path, monkeypatch, capsys, tiny_variant):
     monkeypatch.chdir(project)
     folder = tmp_path / "mixed"
     expected = bad_files(folder)
     for p in sorted((project / "images" / "fmnist_near").glob("*.png"))[:4]:
         (folder / p.name).write_bytes(p.read_bytes())
     out = tmp_path / "scores.csv"
-    code = cli.main(["score", str(folder), str(tmp_path / "missing.png"), "--model", f"models/{VARIANT}",
+    code = cli.main(["score", str(folder), str(tmp_path / "missing.png"), "--model", f"models/{tiny_variant}",
                      "--out", str(out), "--stats", "--batch-size", "3"])
     assert code == 0
     rows = list(csv.DictReader(out.open()))
@@ -178,15 +174,15 @@ def test_score_cli_csv_reports_bad_files_and_goes_on(project, tmp_path, monkeypa
     assert all(name in err for name in expected) and "images/s" in err and "4 images scored, 5 unreadable" in err
 
 
-def test_score_cli_errors(project, tmp_path, monkeypatch, capsys):
+def test_score_cli_errors(project, tmp_path, monkeypatch, capsys, tiny_variant):
     monkeypatch.chdir(project)
     (tmp_path / "empty").mkdir()
-    assert cli.main(["score", str(tmp_path / "empty"), "--model", f"models/{VARIANT}"]) == 2
+    assert cli.main(["score", str(tmp_path / "empty"), "--model", f"models/{tiny_variant}"]) == 2
     assert "no image files" in capsys.readouterr().err
     assert cli.main(["score", "images/test", "--model", str(tmp_path / "nope")]) == 2
     assert "no such folder" in capsys.readouterr().err
     bad_files(tmp_path / "bad")
-    assert cli.main(["score", str(tmp_path / "bad"), "--model", f"models/{VARIANT}"]) == 1  # nothing scored
+    assert cli.main(["score", str(tmp_path / "bad"), "--model", f"models/{tiny_variant}"]) == 1  # nothing scored
 
 
 def test_a_finetuned_variant_predicts_through_its_own_image_model(tmp_path, finetune_params, prepared_images):

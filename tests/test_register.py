@@ -13,7 +13,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
@@ -21,21 +20,19 @@ from mofe_ood import cli, register
 from mofe_ood.bench.serve import declared_png, free_port, request_body, start_server, stop_server
 from mofe_ood.images import encode_png
 from mofe_ood.params import merged
-from mofe_ood.serving import bundle
 from mofe_ood.serving.gate import Candidate, decide
 from mofe_ood.serving.tracking import tracking_uri
-from tests.tiny_pipeline import VARIANT, build, split_images, tiny_params
 
 NAME = "mofe-ood"
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def with_metrics(project: Path, dest: Path, **changes) -> Path:
+def with_metrics(project: Path, dest: Path, variant: str, **changes) -> Path:
     """A copy of the project's reports whose registered-variant metrics are changed (same model)."""
     shutil.copytree(project / "reports", dest)
     data = json.loads((dest / "metrics.json").read_text())
-    entry = data[VARIANT]
+    entry = data[variant]
     for key, value in changes.items():
         if key == "id_accuracy":
             entry["id_accuracy"] = value
@@ -47,9 +44,8 @@ def with_metrics(project: Path, dest: Path, **changes) -> Path:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root = build(tmp_path_factory)
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+def project(tiny_project):
+    root = tiny_project  # with the tiny run's params.yaml; register reads DVC hashes from a dvc.lock
     (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
         "extract": {"cmd": "mofe extract", "outs": [{"path": "data/features", "hash": "md5",
                                                      "md5": "0123abcd.dir"}]}}}))
@@ -57,7 +53,7 @@ def project(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def registry(project, tmp_path_factory):
+def registry(project, tmp_path_factory, tiny_variant, tiny_run):
     """An embedded MLflow with version 1 (the real metrics) and version 2 (worse near AUROC)."""
     home = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{home}/mlflow.db"
@@ -66,10 +62,10 @@ def registry(project, tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(project)
     try:
-        first = register.run(tiny_params(), out=home / "first.json")
-        near = json.loads((project / "reports" / "metrics.json").read_text())[VARIANT]["knn"]["near"]["auroc"]
-        worse = with_metrics(project, home / "worse", near__auroc=near - 0.05)
-        second = register.run(tiny_params(), reports_dir=worse, out=home / "second.json")
+        first = register.run(tiny_run(), out=home / "first.json")
+        near = json.loads((project / "reports" / "metrics.json").read_text())[tiny_variant]["knn"]["near"]["auroc"]
+        worse = with_metrics(project, home / "worse", tiny_variant, near__auroc=near - 0.05)
+        second = register.run(tiny_run(), reports_dir=worse, out=home / "second.json")
         yield {"uri": uri, "home": home, "first": first, "second": second, "near": near}
     finally:
         os.chdir(cwd)
@@ -93,23 +89,24 @@ def aliases(uri) -> dict[str, str]:
     return {a: str(v) for a, v in client(uri).get_registered_model(NAME).aliases.items()}
 
 
-def test_first_registration_logs_the_run_and_becomes_champion(registry, project):
+def test_first_registration_logs_the_run_and_becomes_champion(registry, project, tiny_variant):
     first, uri = registry["first"], registry["uri"]
     assert first["version"] == 1 and first["alias"] == "champion" and first["new_version"]
     assert json.loads((registry["home"] / "first.json").read_text()) == first
     c = client(uri)
     run = c.get_run(first["run_id"])
-    assert run.data.params["train.variants"] == json.dumps([VARIANT])
+    assert run.data.params["train.variants"] == json.dumps([tiny_variant])
     assert run.data.params["extract.image_size"] == "32"
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
-    assert run.data.metrics[f"{VARIANT}.knn.near.auroc"] == pytest.approx(metrics[VARIANT]["knn"]["near"]["auroc"])
+    near = metrics[tiny_variant]["knn"]["near"]["auroc"]
+    assert run.data.metrics[f"{tiny_variant}.knn.near.auroc"] == pytest.approx(near)
     assert run.data.metrics["near_auroc"] == pytest.approx(registry["near"])
     assert run.data.tags["dvc.data/features"] == "0123abcd.dir" and "git_commit" in run.data.tags
     logged = {a.path for a in c.list_artifacts(run.info.run_id, "reports")}
     assert {"reports/results.md", "reports/metrics.json", "reports/plots"} <= logged
     assert any(a.path.endswith(".png") for a in c.list_artifacts(run.info.run_id, "reports/plots"))
     tags = c.get_model_version(NAME, "1").tags
-    assert tags["variant"] == VARIANT and tags["dataset"].startswith("fashion_mnist")
+    assert tags["variant"] == tiny_variant and tags["dataset"].startswith("fashion_mnist")
     assert float(tags["near_auroc"]) == pytest.approx(registry["near"], abs=1e-6)
     assert {"far_auroc", "near_fpr95", "far_fpr95", "content_hash"} <= set(tags)
     assert tags["decision"] == "champion" and tags["registration"] == "done"
@@ -123,19 +120,19 @@ def test_a_worse_model_becomes_challenger_and_the_champion_stays(registry):
     assert "not above the margin" in client(uri).get_model_version(NAME, "2").tags["reason"]
 
 
-def test_registering_the_same_content_again_adds_no_version(registry, project):
-    again = register.run(tiny_params(), out=registry["home"] / "again.json")
+def test_registering_the_same_content_again_adds_no_version(registry, project, tiny_run):
+    again = register.run(tiny_run(), out=registry["home"] / "again.json")
     assert again["version"] == 1 and not again["new_version"] and "already registered" in again["reason"]
     assert versions(registry["uri"]) == [1, 2]
     assert aliases(registry["uri"]) == {"champion": "1", "challenger": "2"}
 
 
-def test_unreachable_server_fails_fast_naming_it_and_writes_nothing(registry, project, monkeypatch, capsys):
+def test_unreachable_server_fails_fast_naming_it_and_writes_nothing(registry, project, monkeypatch, capsys, tiny_run):
     url = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     start = time.monotonic()
     with pytest.raises(ConnectionError, match=f"MLflow tracking server {url} is unreachable"):
-        register.run(tiny_params(), out=registry["home"] / "down.json")
+        register.run(tiny_run(), out=registry["home"] / "down.json")
     assert time.monotonic() - start < 30
     assert cli.main(["register"]) == 2
     assert url in capsys.readouterr().err
@@ -145,10 +142,10 @@ def test_unreachable_server_fails_fast_naming_it_and_writes_nothing(registry, pr
     assert versions(registry["uri"]) == [1, 2]
 
 
-def test_a_failed_alias_move_leaves_the_old_champion(registry, project, monkeypatch, tmp_path):
+def test_a_failed_alias_move_leaves_the_old_champion(registry, project, monkeypatch, tmp_path, tiny_variant, tiny_run):
     from mlflow import MlflowClient
 
-    better = with_metrics(project, tmp_path / "better", near__auroc=registry["near"] + 0.05)
+    better = with_metrics(project, tmp_path / "better", tiny_variant, near__auroc=registry["near"] + 0.05)
 
     def broken(*args, **kwargs):
         raise RuntimeError("registry went away")
@@ -156,24 +153,24 @@ def test_a_failed_alias_move_leaves_the_old_champion(registry, project, monkeypa
     with monkeypatch.context() as m:  # the new version is removed again
         m.setattr(MlflowClient, "set_registered_model_alias", broken)
         with pytest.raises(RuntimeError, match="went away"):
-            register.run(tiny_params(), reports_dir=better, out=tmp_path / "r.json")
+            register.run(tiny_run(), reports_dir=better, out=tmp_path / "r.json")
         assert versions(registry["uri"]) == [1, 2]
         assert aliases(registry["uri"])["champion"] == "1"
         m.setattr(MlflowClient, "delete_model_version", broken)  # ... or stays marked pending
         with pytest.raises(RuntimeError, match="went away"):
-            register.run(tiny_params(), reports_dir=better, out=tmp_path / "r.json")
+            register.run(tiny_run(), reports_dir=better, out=tmp_path / "r.json")
     *_, pending = versions(registry["uri"])  # MLflow does not reuse the removed version's number
     assert versions(registry["uri"]) == [1, 2, pending]
     assert aliases(registry["uri"])["champion"] == "1"
     assert client(registry["uri"]).get_model_version(NAME, str(pending)).tags["registration"] == "pending"
     # A better model whose ID accuracy drops too much is held back ...
-    acc = json.loads((project / "reports" / "metrics.json").read_text())[VARIANT]["id_accuracy"]
-    dropped = with_metrics(project, tmp_path / "dropped", near__auroc=registry["near"] + 0.05,
+    acc = json.loads((project / "reports" / "metrics.json").read_text())[tiny_variant]["id_accuracy"]
+    dropped = with_metrics(project, tmp_path / "dropped", tiny_variant, near__auroc=registry["near"] + 0.05,
                            id_accuracy=acc - 0.05)
-    held = register.run(tiny_params(), reports_dir=dropped, out=tmp_path / "held.json")
+    held = register.run(tiny_run(), reports_dir=dropped, out=tmp_path / "held.json")
     assert held["version"] > pending and held["alias"] == "challenger" and "ID accuracy" in held["reason"]
     # ... while the better one, registered again, finishes its pending version and takes over.
-    retry = register.run(tiny_params(), reports_dir=better, out=tmp_path / "r.json")
+    retry = register.run(tiny_run(), reports_dir=better, out=tmp_path / "r.json")
     assert retry["version"] == pending and not retry["new_version"]
     assert retry["alias"] == "champion" and retry["previous_champion"] == "1"
     assert aliases(registry["uri"]) == {"champion": str(pending), "challenger": str(held["version"])}
@@ -197,9 +194,9 @@ def test_promote_applies_the_gate_unless_forced(registry, project, capsys):
     assert aliases(registry["uri"])["champion"] == champion
 
 
-def test_mofe_score_reads_the_registered_champion(registry, project, capsys):
+def test_mofe_score_reads_the_registered_champion(registry, project, capsys, tiny_variant):
     results = []
-    for model in (f"models:/{NAME}@champion", f"models/{VARIANT}"):
+    for model in (f"models:/{NAME}@champion", f"models/{tiny_variant}"):
         assert cli.main(["score", "images/fmnist_near", "--model", model]) == 0
         results.append([json.loads(line) for line in capsys.readouterr().out.splitlines()])
     from_registry, local = results
@@ -209,9 +206,9 @@ def test_mofe_score_reads_the_registered_champion(registry, project, capsys):
         assert a["ood_score"] == pytest.approx(b["ood_score"], abs=1e-6)
 
 
-def test_gate_rules():
-    p = register.config(tiny_params())
-    old = Candidate(VARIANT, "knn", "near.auroc", 0.80, 0.95, "b1")
+def test_gate_rules(tiny_variant, tiny_run):
+    p = register.config(tiny_run())
+    old = Candidate(tiny_variant, "knn", "near.auroc", 0.80, 0.95, "b1")
     new = lambda **kw: Candidate(**{**vars(old), **kw})  # noqa: E731
     gate = lambda c, champion=old: decide(c, "1", champion, p.margin, p.accuracy_tolerance)  # noqa: E731
     assert gate(new(gate_value=0.81)).alias == "champion"
@@ -223,12 +220,12 @@ def test_gate_rules():
     assert gate(new(**{**fpr, "gate_value": 0.20}), new(**fpr)).alias == "champion"
     assert gate(new(**{**fpr, "gate_value": 0.40}), new(**fpr)).alias == "challenger"
     with pytest.raises(register.ParamError, match="register.gate_metric"):
-        register.config(merged(tiny_params(), {"register": {"gate_metric": "near.accuracy"}}))
+        register.config(merged(tiny_run(), {"register": {"gate_metric": "near.accuracy"}}))
 
 
-def test_a_dvc_experiment_never_takes_champion(monkeypatch):
-    p = register.config(tiny_params())
-    old = Candidate(VARIANT, "knn", "near.auroc", 0.80, 0.95, "b1")
+def test_a_dvc_experiment_never_takes_champion(monkeypatch, tiny_variant, tiny_run):
+    p = register.config(tiny_run())
+    old = Candidate(tiny_variant, "knn", "near.auroc", 0.80, 0.95, "b1")
     better = Candidate(**{**vars(old), "gate_value": 0.90})
     assert register.gate(better, "1", old, p).alias == "champion"
     monkeypatch.setenv("DVC_EXP_NAME", "sweep-7")
@@ -254,9 +251,9 @@ def post(port: int, body: bytes) -> tuple[int, dict]:
         return err.code, json.loads(err.read() or b"{}")
 
 
-def test_the_served_model_answers_each_row(registry, project, tmp_path, capsys):
+def test_the_served_model_answers_each_row(registry, project, tmp_path, capsys, tiny_images):
     """4 rows in, 4 answers out: bad rows get their own error, the good ones what `mofe score` gives."""
-    images = [split_images(project, "test")[0], split_images(project, "fmnist_near")[0]]
+    images = [tiny_images("test")[0], tiny_images("fmnist_near")[0]]
     files = []
     for i, image in enumerate(images):
         files.append(tmp_path / f"good{i}.png")

@@ -197,7 +197,7 @@ def summarize(results: list, seconds: float) -> dict:
     latencies = sorted(r[0] for r in results)
     errors: dict[str, int] = {}
     good_rows = good_errors = bad_rows = bad_answered = http_errors = 0
-    for _, status, kinds, rows in results:
+    for _, _, kinds, rows in results:
         if rows is None:
             http_errors += 1
             continue
