@@ -3,8 +3,7 @@ import pytest
 import skimage.data
 import torch
 
-from mofe_ood.backbones import create_backbone, for_inference, pooled_features, preprocess_config
-from mofe_ood.extract import preprocess
+from mofe_ood.backbones import create_backbone, for_inference, pooled_features, preprocess, preprocess_config
 from mofe_ood.params import ParamError
 
 # ImageNet classes 281-285: tabby, tiger cat, Persian, Siamese, Egyptian cat.
