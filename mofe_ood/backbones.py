@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from mofe_ood.errors import UserError
 from mofe_ood.images import load_rgb
 from mofe_ood.params import ParamError, check_choice
 from mofe_ood.splits import Images
@@ -34,6 +35,10 @@ BACKBONES = {
     "vit_giant_patch14_dinov2": False,
 }
 WEIGHT_SOURCES = ("package", "hub", "random", "<path to a .safetensors/.pth file>")
+
+
+class WeightsUnavailable(UserError):
+    """The backbone's weights cannot be had here (hub weights offline); the message says what to set."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,7 @@ def _package_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         raise RuntimeError(f"weights package holds {len(src)} tensors, timm model has {len(dst)}")
     target = model.state_dict()
     out = {}
-    for (src_key, tensor), key in zip(src, dst):
+    for (src_key, tensor), key in zip(src, dst, strict=True):
         if tensor.shape != target[key].shape:
             raise RuntimeError(f"weights package tensor {src_key} {tuple(tensor.shape)} does not "
                                f"fit timm's {key} {tuple(target[key].shape)}")
@@ -125,7 +130,7 @@ def create_backbone(name: str, weights: str, image_size: int, num_classes: int |
             return timm.create_model(name, pretrained=True, **kwargs)
         except Exception as err:  # offline: LocalEntryNotFoundError, connection errors, ...
             offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-            raise RuntimeError(
+            raise WeightsUnavailable(
                 f"could not get the hub weights of {name!r} ({type(err).__name__}: {err})."
                 f"{' HF_HUB_OFFLINE=1 is set.' if offline else ''} Without internet, download the "
                 "weights elsewhere and set extract.weights to the local file path") from err
@@ -166,7 +171,7 @@ def _conv_bn_pairs(root: nn.Module):
     among the children of one module."""
     for parent in root.modules():
         children = list(parent.named_children())
-        for (_, conv), (bn_name, bn) in zip(children, children[1:]):
+        for (_, conv), (bn_name, bn) in zip(children, children[1:], strict=False):
             if (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats
                     and bn.running_var is not None and conv.out_channels == bn.num_features):
                 yield parent, conv, bn_name, bn

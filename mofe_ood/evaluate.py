@@ -290,7 +290,7 @@ def plot_variant(variant: str, score: str, score_dir: Path, ood_sets: dict, plot
         fpr, tpr = roc_points(values["test"], values[name])
         roc_ax.plot(fpr, tpr, label=f"{name} ({group})")
         hist_ax.hist(values[name], bins=bins, density=True, histtype="step", label=name)
-        curves[name] = [{"fpr": round(float(a), 5), "tpr": round(float(b), 5)} for a, b in zip(fpr, tpr)]
+        curves[name] = [{"fpr": round(float(a), 5), "tpr": round(float(b), 5)} for a, b in zip(fpr, tpr, strict=True)]
     roc_ax.plot([0, 1], [0, 1], color="grey", lw=0.5)
     roc_ax.set(xlabel="FPR (OOD accepted)", ylabel="TPR (ID accepted)", title=f"{variant} / {score}: ROC")
     hist_ax.set(xlabel=f"{score} score (higher = more ID)", ylabel="density", title="score histograms")

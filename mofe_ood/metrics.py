@@ -104,7 +104,7 @@ def ood_metrics(id_scores, ood_scores, name: str = "ood") -> dict[str, float]:
     ood_arr = _checked(ood_scores, f"OOD set {name!r}")
     values = (_auroc(id_arr, ood_arr), _fpr_at_tpr(id_arr, ood_arr, 0.95), _fpr_at_tpr(-ood_arr, -id_arr, 0.95),
               _average_precision(id_arr, ood_arr), _average_precision(-ood_arr, -id_arr))
-    return dict(zip(METRIC_KEYS, values))
+    return dict(zip(METRIC_KEYS, values, strict=True))
 
 
 def threshold_at_tpr(id_scores, tpr: float = 0.95) -> float:

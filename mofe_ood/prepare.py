@@ -193,7 +193,7 @@ def _per_class(images: Images, classes: list[int], take: list[int | None], rng) 
     for c in classes:
         index = rng.permutation(np.flatnonzero(images.labels == c))
         start = 0
-        for part, n in zip(parts, take):
+        for part, n in zip(parts, take, strict=True):
             stop = len(index) if n is None else start + n
             if stop > len(index):
                 raise ParamError(f"prepare.id: class {c} has {len(index)} images, "
@@ -219,7 +219,7 @@ def id_splits(spec: IdSpec, ctx: Context) -> tuple[dict[str, Images], list[str]]
     rng = np.random.default_rng(ctx.seed)
     val, train = _per_class(train, classes, [spec.val_per_class, spec.train_per_class], rng)
     (test,) = _per_class(test, classes, [spec.test_per_class], rng)
-    splits = {name: _relabel(part, classes) for name, part in zip(ID_SPLITS, (train, val, test))}
+    splits = {name: _relabel(part, classes) for name, part in zip(ID_SPLITS, (train, val, test), strict=True)}
     return splits, [names[c] for c in classes]
 
 
@@ -268,7 +268,7 @@ def _entry(images: Images, kind: str, group: str | None, source: str, class_name
         entry["shape"] = list(images.images.shape[1:])
     if kind == "id":
         entry["counts_per_class"] = {class_names[c]: int(n) for c, n in
-                                     zip(*np.unique(images.labels, return_counts=True))}
+                                     zip(*np.unique(images.labels, return_counts=True), strict=True)}
     return entry
 
 

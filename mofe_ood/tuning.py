@@ -25,7 +25,7 @@ def candidates(name: str, lists: Mapping[str, list]) -> list[dict]:
     """
     tuned = score_class(name).tuned
     grids = [lists[t.key] for t in tuned.values()]
-    return [dict(zip(tuned, values)) for values in itertools.product(*grids)]
+    return [dict(zip(tuned, values, strict=True)) for values in itertools.product(*grids)]
 
 
 def class_folds(labels, folds: int, seed: int = 0) -> list[np.ndarray]:

@@ -253,7 +253,8 @@ def test_mlflow_artifacts_land_in_the_bucket(seaweedfs, tmp_path):
 def test_download_names_bucket_and_key_when_nothing_is_there(s3_env, tmp_path):
     from mofe_ood.storage import StorageError, download
 
-    with pytest.raises(StorageError, match=r"no object s3://mofe-ood-test/raw/none \(bucket 'mofe-ood-test', key 'raw/none'\)"):
+    with pytest.raises(StorageError,
+                       match=r"no object s3://mofe-ood-test/raw/none \(bucket 'mofe-ood-test', key 'raw/none'\)"):
         download(f"s3://{s3_env.bucket}/raw/none", tmp_path / "a", "prepare.fashion_mnist_dir")
     with pytest.raises(StorageError, match=r"bucket 'no-such-bucket' does not exist .*key 'x'"):
         download("s3://no-such-bucket/x", tmp_path / "b")
