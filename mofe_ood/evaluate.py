@@ -10,22 +10,25 @@ Outputs under `reports/` (their layout is part of the interface):
   decision threshold accepting `tpr` of ID validation samples (for inference);
 - `roc/<variant>__<OOD set>.json` (DVC plot data: one file per curve, so `dvc plots show`
   draws each as its own line) and `plots/*.png`: ROC curves and score histograms.
-Score hyper-parameters (KNN's K, ViM's dim) are chosen on ID data only.
+Score hyper-parameters (KNN's K, ViM's dim: each score's `tuned`, candidates in this
+section of params.yaml) are chosen on ID data only (mofe_ood.tuning).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import torch
 
-from mofe_ood import metrics, scores
-from mofe_ood.extract import load_features
+from mofe_ood import atomic, metrics, scores, tuning
+from mofe_ood.config import section
 from mofe_ood.params import ParamError, check_choice, check_number
+from mofe_ood.splits import GROUPS, DataError, load_features
 
 FROZEN = "frozen"
 ID_SPLITS = ("train", "val", "test")
@@ -53,10 +56,10 @@ def variant_outputs(variant: str, features_dir: Path, models_dir: Path, splits: 
     raw = {name: load_features(features_dir, name) for name in splits}
     for name, (feats, _) in raw.items():
         if len(feats) == 0:
-            raise ValueError(f"split {name!r} is empty: nothing to evaluate")
+            raise DataError(f"split {name!r} is empty: nothing to evaluate")
         bad = int((~np.isfinite(feats)).any(axis=1).sum())
         if bad:
-            raise ValueError(f"split {name!r} has {bad} samples with NaN or infinite features")
+            raise DataError(f"split {name!r} has {bad} samples with NaN or infinite features")
     if variant == FROZEN:
         return {name: Outputs(f, None, y) for name, (f, y) in raw.items()}, None
     from mofe_ood.train import load_model
@@ -81,96 +84,100 @@ def applicable(score_names: list[str], has_logits: bool) -> list[str]:
 
 
 def evaluate_variant(variant: str, outputs: dict[str, Outputs], head, ood_sets: dict[str, str],
-                     params: dict, score_dir: Path) -> tuple[dict, dict]:
+                     cfg: "Evaluate", score_dir: Path) -> tuple[dict, dict]:
     """metrics.json entry of one variant, and the calibration of each of its scores."""
-    p = params["evaluate"]
     train, val, test = (outputs[s] for s in ID_SPLITS)
     entry: dict = {"id_accuracy": None if test.logits is None else metrics.accuracy(test.logits, test.labels)}
     calibration = {}
-    for name in applicable(p["scores"], test.logits is not None):
-        candidates = hyper_candidates(name, p)
-        hyper, _ = scores.select_hyper(name, candidates, train.features, train.labels, val.features,
+    for name in applicable(cfg.scores, test.logits is not None):
+        candidates = cfg.candidates(name)
+        hyper, _ = tuning.select_hyper(name, candidates, train.features, train.labels, val.features,
                                        val.labels, train_logits=train.logits, val_logits=val.logits,
                                        head=head) if len(candidates) > 1 else (candidates[0], None)
         score = scores.make_score(name, **hyper).fit(train.features, train.labels, train.logits, head)
         per_set = {s: score.score(outputs[s].features, outputs[s].logits) for s in ["val", "test", *ood_sets]}
         np.savez(score_dir / f"{variant}__{name}.npz", **{s: v for s, v in per_set.items() if s != "val"})
         result = {s: metrics.ood_metrics(per_set["test"], per_set[s], name=s) for s in ood_sets}
-        for group in ("near", "far"):
+        for group in GROUPS:
             members = [result[s] for s, g in ood_sets.items() if g == group]
             if members:
                 result[group] = metrics.average(members)
-        entry[name] = {k: result[k] for k in [*(g for g in ("near", "far") if g in result), *ood_sets]}
-        calibration[name] = {"hyper": hyper, "tpr": p["tpr"],
-                             "threshold": metrics.threshold_at_tpr(per_set["val"], p["tpr"])}
+        entry[name] = {k: result[k] for k in [*(g for g in GROUPS if g in result), *ood_sets]}
+        calibration[name] = {"hyper": hyper, "tpr": cfg.tpr,
+                             "threshold": metrics.threshold_at_tpr(per_set["val"], cfg.tpr)}
     return entry, calibration
 
 
-def hyper_candidates(name: str, p: dict) -> list[dict]:
-    if name == "knn":
-        return [{"k": int(k)} for k in p["knn_k"]]
-    if name == "vim":
-        return [{"dim": int(d)} for d in p["vim_dim"]]
-    return [{}]
+@dataclass(frozen=True)
+class Evaluate:
+    """The `evaluate` section. `config` adds one field per candidate list the registered scores
+    declare (`knn_k`, `vim_dim`: OODScore.tuned), so a new tuned score needs no edit here."""
+
+    variants: list[str]
+    scores: list[str]
+    default_score: str
+    tpr: float
+    extra_ood: dict  # read (and checked) by prepare
+
+    def __post_init__(self):
+        for name in ("variants", "scores"):
+            if not isinstance(getattr(self, name), list) or not getattr(self, name):
+                raise ParamError(f"evaluate.{name}: {getattr(self, name)!r} is not a non-empty list")
+        for s in self.scores:
+            check_choice("evaluate.scores", s, scores.SCORES)
+        check_choice("evaluate.default_score", self.default_score, self.scores)
+        check_number("evaluate.tpr", self.tpr, low=0.5, high=0.999)
+        for key, tuned in scores.tuned_keys().items():
+            tuned.check(getattr(self, key))
+
+    def candidates(self, score: str) -> list[dict]:
+        """The keyword sets score `score` is tuned over ([{}] for an untuned score)."""
+        return tuning.candidates(score, {key: getattr(self, key) for key in scores.tuned_keys()})
 
 
-def check(params: dict, variants: list[str]) -> None:
-    p = params.get("evaluate") or {}
-    for v in p.get("variants") or []:
-        check_choice("evaluate.variants", v, variants)
-    for s in p.get("scores") or []:
-        check_choice("evaluate.scores", s, scores.SCORES)
-    check_choice("evaluate.default_score", p.get("default_score"), p.get("scores") or [])
-    check_number("evaluate.tpr", p.get("tpr"), low=0.5, high=0.999)
-    for k in p.get("knn_k") or []:
-        check_number("evaluate.knn_k", k, low=1, integer=True)
-    if not p.get("variants") or not p.get("scores") or not p.get("knn_k"):
-        raise ParamError("evaluate.variants, evaluate.scores and evaluate.knn_k must not be empty")
+def config(params: Mapping) -> Evaluate:
+    """The `evaluate` section, checked: every value, and each variant against what train makes."""
+    from mofe_ood.train import trained_variants
+
+    fields = [(key, list) for key in scores.tuned_keys()]
+    schema = dataclasses.make_dataclass("Evaluate", fields, bases=(Evaluate,), frozen=True)
+    cfg = section(schema, params.get("evaluate"), "evaluate")
+    for v in cfg.variants:
+        check_choice("evaluate.variants", v, [FROZEN, *trained_variants(params)])
+    return cfg
 
 
 def run(params: dict, features_dir: str | Path = "data/features", models_dir: str | Path = "models",
         reports_dir: str | Path = "reports") -> dict:
-    """Evaluate everything into a fresh folder, then replace `reports_dir` in one move."""
-    features_dir, models_dir, reports_dir = Path(features_dir), Path(models_dir), Path(reports_dir)
-    from mofe_ood.train import trained_variants
+    """Evaluate everything into a fresh folder, then replace our outputs in `reports_dir` in one move.
 
-    check(params, [FROZEN, *trained_variants(params)])
-    p = params["evaluate"]
+    Only OUTPUTS are replaced: reports/ also holds the register stage's registration.json.
+    """
+    features_dir, models_dir = Path(features_dir), Path(models_dir)
+    cfg = config(params)
     info = json.loads((features_dir / "info.json").read_text())
     ood_sets = {n: s["group"] for n, s in info["splits"].items() if s["kind"] == "ood"}
     if not ood_sets:
-        raise ValueError(f"{features_dir}/info.json lists no OOD sets")
+        raise DataError(f"{features_dir}/info.json lists no OOD sets")
     for name in ood_sets:
         if info["splits"][name]["count"] == 0:
-            raise ValueError(f"OOD set {name!r} is empty")
+            raise DataError(f"OOD set {name!r} is empty")
 
-    tmp = reports_dir.with_name(reports_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "scores").mkdir(parents=True)
-    (tmp / "plots").mkdir()
-    (tmp / "roc").mkdir()
-    all_metrics, thresholds = {}, {}
-    for variant in p["variants"]:
-        outputs, head = variant_outputs(variant, features_dir, models_dir, [*ID_SPLITS, *ood_sets])
-        entry, calibration = evaluate_variant(variant, outputs, head, ood_sets, params, tmp / "scores")
-        all_metrics[variant] = entry
-        default = p["default_score"] if p["default_score"] in calibration else next(iter(calibration))
-        thresholds[variant] = {"score": default, **calibration[default]}
-        for name, curve in plot_variant(variant, default, tmp / "scores", ood_sets, tmp / "plots").items():
-            (tmp / "roc" / f"{variant}__{name}.json").write_text(json.dumps(curve) + "\n")
-    (tmp / "metrics.json").write_text(json.dumps(all_metrics, indent=2) + "\n")
-    (tmp / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
-    (tmp / "results.md").write_text(results_table(all_metrics, info))
-    # Replace our outputs only: reports/ also holds the register stage's registration.json.
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    for item in OUTPUTS:
-        target = reports_dir / item
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-        (tmp / item).rename(target)
-    tmp.rmdir()
+    with atomic.replacing(reports_dir, items=OUTPUTS) as tmp:
+        for folder in ("scores", "plots", "roc"):
+            (tmp / folder).mkdir()
+        all_metrics, thresholds = {}, {}
+        for variant in cfg.variants:
+            outputs, head = variant_outputs(variant, features_dir, models_dir, [*ID_SPLITS, *ood_sets])
+            entry, calibration = evaluate_variant(variant, outputs, head, ood_sets, cfg, tmp / "scores")
+            all_metrics[variant] = entry
+            default = cfg.default_score if cfg.default_score in calibration else next(iter(calibration))
+            thresholds[variant] = {"score": default, **calibration[default]}
+            for name, curve in plot_variant(variant, default, tmp / "scores", ood_sets, tmp / "plots").items():
+                (tmp / "roc" / f"{variant}__{name}.json").write_text(json.dumps(curve) + "\n")
+        (tmp / "metrics.json").write_text(json.dumps(all_metrics, indent=2) + "\n")
+        (tmp / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
+        (tmp / "results.md").write_text(results_table(all_metrics, info))
     return all_metrics
 
 
@@ -181,13 +188,13 @@ def headline(all_metrics: dict, thresholds: dict, variant: str) -> dict[str, flo
     score) by near AUROC, each as near/far AUROC and FPR95 and ID accuracy (flat keys)."""
     def numbers(v: str, score: str) -> dict[str, float]:
         m = all_metrics[v][score]
-        out = {f"{g}_{k}": m[g][k] for g in ("near", "far") for k in ("auroc", "fpr95") if g in m}
+        out = {f"{g}_{k}": m[g][k] for g in GROUPS for k in ("auroc", "fpr95") if g in m}
         if all_metrics[v].get("id_accuracy") is not None:
             out["id_accuracy"] = all_metrics[v]["id_accuracy"]
         return out
 
     if variant not in thresholds:
-        raise ValueError(f"{variant!r} was not evaluated (evaluated: {', '.join(thresholds)})")
+        raise ParamError(f"{variant!r} was not evaluated (evaluated: {', '.join(thresholds)})")
     out = {f"{variant}/{k}": v for k, v in numbers(variant, thresholds[variant]["score"]).items()}
     others = [(v, s) for v, entry in all_metrics.items() if v != variant
               for s, m in entry.items() if s != "id_accuracy" and "near" in m]
@@ -283,7 +290,7 @@ def plot_variant(variant: str, score: str, score_dir: Path, ood_sets: dict, plot
         fpr, tpr = roc_points(values["test"], values[name])
         roc_ax.plot(fpr, tpr, label=f"{name} ({group})")
         hist_ax.hist(values[name], bins=bins, density=True, histtype="step", label=name)
-        curves[name] = [{"fpr": round(float(a), 5), "tpr": round(float(b), 5)} for a, b in zip(fpr, tpr)]
+        curves[name] = [{"fpr": round(float(a), 5), "tpr": round(float(b), 5)} for a, b in zip(fpr, tpr, strict=True)]
     roc_ax.plot([0, 1], [0, 1], color="grey", lw=0.5)
     roc_ax.set(xlabel="FPR (OOD accepted)", ylabel="TPR (ID accepted)", title=f"{variant} / {score}: ROC")
     hist_ax.set(xlabel=f"{score} score (higher = more ID)", ylabel="density", title="score histograms")

@@ -1,6 +1,6 @@
 """OOD detection metrics, shared by every score (as OpenOOD keeps `evaluators/metrics.py` apart).
 
-Conventions (METHOD.md section 5):
+Conventions (docs/METHOD.md section 5):
 - A score is "higher = more in-distribution (ID)"; a sample is accepted as ID
   when `score >= threshold`.
 - ID is the positive class for AUROC, FPR95 and AUPR-In (the paper's and most
@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 
+# The metrics of one OOD set, in metrics.json's order: the one list of their names.
 METRIC_KEYS = ("auroc", "fpr95", "fpr95_openood", "aupr_in", "aupr_out")
 
 
@@ -101,13 +102,9 @@ def ood_metrics(id_scores, ood_scores, name: str = "ood") -> dict[str, float]:
     """
     id_arr = _checked(id_scores, f"the ID set (scored against OOD set {name!r})")
     ood_arr = _checked(ood_scores, f"OOD set {name!r}")
-    return {
-        "auroc": _auroc(id_arr, ood_arr),
-        "fpr95": _fpr_at_tpr(id_arr, ood_arr, 0.95),
-        "fpr95_openood": _fpr_at_tpr(-ood_arr, -id_arr, 0.95),
-        "aupr_in": _average_precision(id_arr, ood_arr),
-        "aupr_out": _average_precision(-ood_arr, -id_arr),
-    }
+    values = (_auroc(id_arr, ood_arr), _fpr_at_tpr(id_arr, ood_arr, 0.95), _fpr_at_tpr(-ood_arr, -id_arr, 0.95),
+              _average_precision(id_arr, ood_arr), _average_precision(-ood_arr, -id_arr))
+    return dict(zip(METRIC_KEYS, values, strict=True))
 
 
 def threshold_at_tpr(id_scores, tpr: float = 0.95) -> float:

@@ -6,24 +6,40 @@ more in-distribution. `needs_logits` / `needs_head` say what a score reads
 besides the features, so the evaluate stage can skip scores that a variant
 cannot feed (frozen backbone features have no classifier).
 
-The paper's score is `KNN` (section 2 of METHOD.md); the others are the
-baselines of section 5. Hyper-parameters (KNN's K, ViM's dim) are chosen by
-`select_hyper` on ID data only.
+The paper's score is `KNN` (section 2 of docs/METHOD.md); the others are the
+baselines of section 5. A score declares its tuned hyper-parameters in `tuned`
+(KNN's K, ViM's dim): their candidates are lists in params.yaml's `evaluate`
+section, and mofe_ood.tuning picks one on ID data only.
+
+A new score is one class in one file, registered by name:
+
+    @register("my_score")
+    class MyScore(OODScore):
+        tuned = {"t": Tuned("my_score_t", low=1)}   # candidates: evaluate.my_score_t
+        def __init__(self, t: int = 1): ...
+        def fit(self, features, labels, logits=None, head=None): ...; return self
+        def score(self, features, logits=None): ...  # higher = more ID
+
+plus `my_score_t: [1, 2, 4]` under `evaluate` in params.yaml and `my_score` in evaluate.scores.
 """
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
+from typing import ClassVar
+
 import numpy as np
 import torch
 
-from mofe_ood.metrics import ood_metrics
+from mofe_ood.params import ParamError, check_number
 
 # Largest similarity block (queries x bank) that knn_kth_distance holds at once: 32 Mi
 # float32 = 128 MiB, whatever the bank size (a 640k ImageNet bank gets 52-row chunks).
 KNN_BLOCK_ELEMENTS = 1 << 25
 
 
-def _as_2d(x, what: str) -> np.ndarray:
+def as_2d(x, what: str) -> np.ndarray:
     arr = np.asarray(x)
     if arr.ndim != 2:
         raise ValueError(f"{what} must be 2-D (samples x dims), got shape {arr.shape}")
@@ -40,11 +56,34 @@ def _l2_normalise(x: np.ndarray) -> np.ndarray:
     return x / np.where(norm > 0, norm, 1.0)  # a zero vector stays zero, as in sklearn
 
 
-class OODScore:
-    """Base class: `fit` on ID train data, then `score` (higher = more ID, float64, one per row)."""
+@dataclass(frozen=True)
+class Tuned:
+    """A hyper-parameter chosen on ID data (mofe_ood.tuning): its candidates are the list at
+    `evaluate.<key>` in params.yaml, numbers in [low, high] (integers unless `integer=False`)."""
 
-    needs_logits: bool = False
-    needs_head: bool = False
+    key: str
+    low: float | None = None
+    high: float | None = None
+    integer: bool = True
+
+    def check(self, values) -> list:
+        where = f"evaluate.{self.key}"
+        if not isinstance(values, list) or not values:
+            raise ParamError(f"{where}: {values!r} is not a non-empty list of candidates")
+        for value in values:
+            check_number(where, value, low=self.low, high=self.high, integer=self.integer)
+        return list(values)
+
+
+class OODScore:
+    """Base class: `fit` on ID train data, then `score` (higher = more ID, float64, one per row).
+
+    `tuned`: hyper-parameter name -> Tuned, the keyword arguments chosen on ID data.
+    """
+
+    needs_logits: ClassVar[bool] = False
+    needs_head: ClassVar[bool] = False
+    tuned: ClassVar[dict[str, Tuned]] = {}
 
     def fit(self, features, labels, logits=None, head=None) -> "OODScore":
         return self
@@ -60,7 +99,7 @@ class OODScore:
     def _logits(self, logits, rows: int) -> np.ndarray:
         if logits is None:
             raise ValueError(f"{type(self).__name__} needs logits (a variant with a classifier head)")
-        logits = _as_2d(logits, "logits").astype(np.float64)
+        logits = as_2d(logits, "logits").astype(np.float64)
         if logits.shape[0] != rows:
             raise ValueError(f"{logits.shape[0]} logit rows for {rows} feature rows")
         return logits
@@ -73,6 +112,18 @@ class OODScore:
 # ---- logit scores: they ignore the features
 
 
+SCORES: dict[str, type[OODScore]] = {}
+
+
+def register(name: str):
+    """Class decorator: register an OODScore subclass as score `name` (what evaluate.scores lists)."""
+    def add(cls: type[OODScore]) -> type[OODScore]:
+        SCORES[name] = cls
+        return cls
+    return add
+
+
+@register("msp")
 class MSP(OODScore):
     """Maximum softmax probability (Hendrycks & Gimpel 2017), the classic baseline."""
 
@@ -83,6 +134,7 @@ class MSP(OODScore):
         return np.exp(z.max(axis=1) - _logsumexp(z))
 
 
+@register("maxlogit")
 class MaxLogit(OODScore):
     """Maximum logit (Hendrycks et al. 2022, "MaxLogit"): MSP without the softmax normalisation."""
 
@@ -92,6 +144,7 @@ class MaxLogit(OODScore):
         return self._logits(logits, len(features)).max(axis=1)
 
 
+@register("energy")
 class Energy(OODScore):
     """Negative free energy (Liu et al. 2020): T * logsumexp(logits / T)."""
 
@@ -99,7 +152,7 @@ class Energy(OODScore):
 
     def __init__(self, temperature: float = 1.0):
         if not temperature > 0:
-            raise ValueError(f"Energy: temperature must be > 0, got {temperature}")
+            raise ParamError(f"Energy: temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
 
     def score(self, features, logits=None) -> np.ndarray:
@@ -146,8 +199,8 @@ def knn_kth_distance(bank, queries, k: int, chunk_size: int | None = None) -> np
     `chunk_size` x len(bank) similarities exist at a time (default: as many
     query rows as fit KNN_BLOCK_ELEMENTS).
     """
-    bank = _as_2d(bank, "KNN bank")
-    queries = _as_2d(queries, "KNN queries")
+    bank = as_2d(bank, "KNN bank")
+    queries = as_2d(queries, "KNN queries")
     if bank.shape[1] != queries.shape[1]:
         raise ValueError(f"KNN: bank has {bank.shape[1]} dims, queries have {queries.shape[1]}")
     return _kth_distance(_normalised_tensor(bank), _normalised_tensor(queries), int(k), chunk_size)
@@ -156,29 +209,32 @@ def knn_kth_distance(bank, queries, k: int, chunk_size: int | None = None) -> np
 # ---- feature scores
 
 
+@register("knn")
 class KNN(OODScore):
     """The paper's score (Sun et al. 2022, "deep nearest neighbours"): minus the cosine distance
     of the L2-normalised feature to its K-th nearest ID train feature.
 
     K must grow with the bank: the paper's K = 300 is for a ~640k ImageNet bank;
-    choose K with `select_hyper` on ID data.
+    K is chosen among `evaluate.knn_k` on ID data (mofe_ood.tuning).
     """
+
+    tuned = {"k": Tuned("knn_k", low=1)}
 
     def __init__(self, k: int = 10, chunk_size: int | None = None):
         if int(k) < 1:
-            raise ValueError(f"KNN: k must be >= 1, got {k}")
+            raise ParamError(f"KNN: k must be >= 1, got {k}")
         self.k = int(k)
         self.chunk_size = chunk_size
 
     def fit(self, features, labels=None, logits=None, head=None) -> "KNN":
-        features = _as_2d(features, "KNN bank features")
+        features = as_2d(features, "KNN bank features")
         if self.k > len(features):
-            raise ValueError(f"KNN: k={self.k} is larger than the bank ({len(features)} train features)")
+            raise ParamError(f"KNN: k={self.k} is larger than the bank ({len(features)} train features)")
         self.bank_ = _normalised_tensor(features)
         return self
 
     def score(self, features, logits=None) -> np.ndarray:
-        queries = _as_2d(features, "features")
+        queries = as_2d(features, "features")
         if queries.shape[1] != self.bank_.shape[1]:
             raise ValueError(f"KNN: fitted on {self.bank_.shape[1]} dims, got {queries.shape[1]}")
         return -_kth_distance(self.bank_, _normalised_tensor(queries), self.k, self.chunk_size)
@@ -187,7 +243,7 @@ class KNN(OODScore):
     def hyper_for_bank(hyper: dict, fraction: float, bank_size: int) -> dict:
         # The K-th neighbour distance estimates a density at the quantile K / bank size:
         # keep that quantile when the bank shrinks.
-        k = hyper.get("k", 10)
+        k = hyper["k"]
         return {**hyper, "k": int(min(bank_size, max(1, round(k * fraction))))}
 
 
@@ -198,6 +254,7 @@ def _eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return eigval.numpy(), eigvec.numpy()
 
 
+@register("mahalanobis")
 class Mahalanobis(OODScore):
     """Mahalanobis distance score (Lee et al. 2018): class means and one shared (tied) covariance.
 
@@ -210,7 +267,7 @@ class Mahalanobis(OODScore):
     normalise = False
 
     def fit(self, features, labels, logits=None, head=None) -> "Mahalanobis":
-        x = self._prepared(_as_2d(features, "features"))
+        x = self._prepared(as_2d(features, "features"))
         labels = np.asarray(labels).reshape(-1)
         if len(labels) != len(x):
             raise ValueError(f"{len(labels)} labels for {len(x)} features")
@@ -227,7 +284,7 @@ class Mahalanobis(OODScore):
         return self
 
     def score(self, features, logits=None) -> np.ndarray:
-        z = self._prepared(_as_2d(features, "features")) @ self.whiten_
+        z = self._prepared(as_2d(features, "features")) @ self.whiten_
         sq = (z * z).sum(1)[:, None] - 2.0 * z @ self.means_.T + (self.means_ * self.means_).sum(1)[None, :]
         return -np.maximum(sq.min(axis=1), 0.0)
 
@@ -236,12 +293,14 @@ class Mahalanobis(OODScore):
         return _l2_normalise(x) if self.normalise else x
 
 
+@register("mahalanobis_pp")
 class MahalanobisPlusPlus(Mahalanobis):
     """Mahalanobis++ (Mueller et al. 2025): the same, on L2-normalised features (train and test)."""
 
     normalise = True
 
 
+@register("vim")
 class ViM(OODScore):
     """Virtual-logit Matching (Wang et al. 2022).
 
@@ -256,14 +315,15 @@ class ViM(OODScore):
     `dim=None` takes the paper's choices (1000 for D >= 2048, 512 for D >= 768)
     and D // 2 for smaller features; a `dim` >= D (no residual left) falls back
     to D // 2. The fitted value is `dim_`. Logits are the given ones, or
-    W x + b when none are given.
+    W x + b when none are given. `dim` is chosen among `evaluate.vim_dim` on ID data.
     """
 
     needs_head = True
+    tuned = {"dim": Tuned("vim_dim", low=1)}
 
     def __init__(self, dim: int | None = None):
         if dim is not None and int(dim) < 1:
-            raise ValueError(f"ViM: dim must be >= 1, got {dim}")
+            raise ParamError(f"ViM: dim must be >= 1, got {dim}")
         self.dim = None if dim is None else int(dim)
 
     def _dim_for(self, d: int) -> int:
@@ -276,7 +336,7 @@ class ViM(OODScore):
     def fit(self, features, labels=None, logits=None, head=None) -> "ViM":
         if head is None:
             raise ValueError("ViM needs the linear head (W, b) that maps these features to logits")
-        x = _as_2d(features, "features").astype(np.float64)
+        x = as_2d(features, "features").astype(np.float64)
         w, b = (np.asarray(a, dtype=np.float64) for a in head)
         if w.ndim != 2 or w.shape[1] != x.shape[1] or b.shape != (w.shape[0],):
             raise ValueError(f"ViM: head shapes W {w.shape}, b {b.shape} do not fit {x.shape[1]}-dim features")
@@ -289,13 +349,13 @@ class ViM(OODScore):
         self.residual_basis_ = eigvec[:, : x.shape[1] - self.dim_]
         residual = self._residual_norm(x).mean()
         if not residual > 0:
-            raise ValueError(f"ViM: the train features have no residual outside the top {self.dim_} "
+            raise ParamError(f"ViM: the train features have no residual outside the top {self.dim_} "
                              "principal directions; use a smaller dim")
         self.alpha_ = float(self._logits_of(x, logits).max(axis=1).mean() / residual)
         return self
 
     def score(self, features, logits=None) -> np.ndarray:
-        x = _as_2d(features, "features").astype(np.float64)
+        x = as_2d(features, "features").astype(np.float64)
         return _logsumexp(self._logits_of(x, logits)) - self.alpha_ * self._residual_norm(x)
 
     def _residual_norm(self, x: np.ndarray) -> np.ndarray:
@@ -308,22 +368,21 @@ class ViM(OODScore):
         return x @ w.T + b
 
 
-SCORES: dict[str, type[OODScore]] = {
-    "msp": MSP,
-    "maxlogit": MaxLogit,
-    "energy": Energy,
-    "knn": KNN,
-    "mahalanobis": Mahalanobis,
-    "mahalanobis_pp": MahalanobisPlusPlus,
-    "vim": ViM,
-}
-
-
 def score_class(name: str) -> type[OODScore]:
-    """The class registered as `name`; a ValueError listing the allowed names otherwise."""
+    """The class registered as `name`; a ParamError listing the allowed names otherwise."""
     if name not in SCORES:
-        raise ValueError(f"unknown OOD score {name!r}; choose one of: {', '.join(SCORES)}")
+        raise ParamError(f"unknown OOD score {name!r}; choose one of: {', '.join(SCORES)}")
     return SCORES[name]
+
+
+def tuned_keys() -> dict[str, Tuned]:
+    """Every `evaluate.<key>` holding candidates, as the registered scores declare them."""
+    keys: dict[str, Tuned] = {}
+    for name, cls in SCORES.items():
+        for tuned in cls.tuned.values():
+            if keys.setdefault(tuned.key, tuned) != tuned:
+                raise ValueError(f"OOD score {name!r}: evaluate.{tuned.key} is declared twice, differently")
+    return keys
 
 
 def make_score(name: str, **hyper) -> OODScore:
@@ -332,92 +391,6 @@ def make_score(name: str, **hyper) -> OODScore:
     try:
         return cls(**hyper)
     except TypeError as err:  # an unknown keyword: say which score and what it takes
-        import inspect
-
         allowed = list(inspect.signature(cls).parameters)
-        raise ValueError(f"OOD score {name!r}: bad hyper-parameters {hyper} "
+        raise ParamError(f"OOD score {name!r}: bad hyper-parameters {hyper} "
                          f"(it takes: {', '.join(allowed) or 'none'})") from err
-
-
-# ---- hyper-parameter selection on ID data only
-
-
-def class_folds(labels, folds: int, seed: int = 0) -> list[np.ndarray]:
-    """The ID classes, shuffled with `seed` and split into `folds` groups (at most one per class)."""
-    classes = np.unique(np.asarray(labels))
-    if len(classes) < 2:
-        raise ValueError(f"held-out-class selection needs at least 2 ID classes, got {len(classes)}")
-    order = np.random.default_rng(seed).permutation(classes)
-    return [g for g in np.array_split(order, min(max(2, int(folds)), len(classes))) if len(g)]
-
-
-def select_hyper(name: str, candidates: list[dict], train_features, train_labels, val_features, val_labels,
-                 train_logits=None, val_logits=None, head=None, folds: int = 5,
-                 seed: int = 0) -> tuple[dict, list[dict]]:
-    """Pick the hyper-parameters of score `name` among `candidates` on ID data only.
-
-    Rule (held-out-class pseudo-OOD): the ID classes are shuffled (`seed`) and
-    split into `folds` groups. For each group, the score is fitted on the train
-    samples of the other classes and scores the validation samples; the AUROC
-    of kept-class validation samples (ID) against held-out-class validation
-    samples (pseudo-OOD) is that fold's result. The candidate with the highest
-    mean AUROC over the folds wins; ties go to the earlier candidate. No OOD or
-    test data is touched.
-    - KNN: the fold's bank is smaller than the full train set, so each K is
-      scaled by the bank fraction for the fold (K is a density quantile, see
-      `KNN.hyper_for_bank`); the selected K is the candidate as given, for the
-      full bank.
-    - Scores with logits/head (MSP, Energy, ViM, ...): the classifier was
-      trained on all classes, so the held-out classes' logits (and rows of W, b)
-      are dropped for the fold; the held-out samples then have no logit of
-      their own, as a real OOD sample. (An approximation: the features still
-      saw those classes in training.)
-
-    Returns (best candidate, table) with one row per candidate:
-    {"hyper": candidate, "auroc": mean, "fold_auroc": [...]}; a candidate that
-    does not fit the full train set (K > bank size) is skipped, auroc None.
-    """
-    if not candidates:
-        raise ValueError(f"select_hyper({name!r}): no candidates")
-    cls = score_class(name)
-    train_x, val_x = _as_2d(train_features, "train features"), _as_2d(val_features, "val features")
-    train_y, val_y = np.asarray(train_labels).reshape(-1), np.asarray(val_labels).reshape(-1)
-    needs_classifier = cls.needs_logits or cls.needs_head
-    if needs_classifier and (head is None and (train_logits is None or val_logits is None)):
-        raise ValueError(f"select_hyper({name!r}): this score needs logits (train and val) or the head")
-
-    n_logits = max((np.asarray(a).shape[-1] for a in (train_logits, val_logits) if a is not None), default=None)
-    if needs_classifier and n_logits is None:
-        n_logits = np.asarray(head[0]).shape[0]
-    if needs_classifier and not (train_y.min() >= 0 and max(train_y.max(), val_y.max()) < n_logits):
-        raise ValueError(f"select_hyper({name!r}): labels must index the {n_logits} logits (0..{n_logits - 1})")
-
-    # A candidate the full train set cannot hold (KNN's K above the bank size) is left out.
-    table = [{"hyper": dict(c), "auroc": None, "fold_auroc": []} for c in candidates]
-    rows = [row for row in table if cls.hyper_for_bank(row["hyper"], 1.0, len(train_y)) == row["hyper"]]
-    if not rows:
-        raise ValueError(f"select_hyper({name!r}): no candidate fits {len(train_y)} train samples: {candidates}")
-    for held_out in class_folds(train_y, folds, seed):
-        kept_train, kept_val = ~np.isin(train_y, held_out), ~np.isin(val_y, held_out)
-        if kept_val.all() or not kept_val.any():
-            continue  # the validation split lacks these classes (or has only them): no pseudo-OOD
-        fold_head, fold_train_logits, fold_val_logits = head, train_logits, val_logits
-        if needs_classifier:  # the classifier of the kept classes alone
-            kept = np.setdiff1d(np.unique(train_y), held_out)
-            fold_head = None if head is None else (np.asarray(head[0])[kept], np.asarray(head[1])[kept])
-            fold_train_logits = None if train_logits is None else np.asarray(train_logits)[kept_train][:, kept]
-            fold_val_logits = None if val_logits is None else np.asarray(val_logits)[:, kept]
-        bank_size = int(kept_train.sum())
-        for row in rows:
-            hyper = cls.hyper_for_bank(row["hyper"], bank_size / len(train_y), bank_size)
-            score = make_score(name, **hyper).fit(train_x[kept_train], train_y[kept_train],
-                                                  fold_train_logits, fold_head)
-            s = score.score(val_x, fold_val_logits)
-            row["fold_auroc"].append(ood_metrics(s[kept_val], s[~kept_val], name="held-out classes")["auroc"])
-    if not rows[0]["fold_auroc"]:
-        raise ValueError(f"select_hyper({name!r}): no fold has validation samples of both kept and "
-                         "held-out classes")
-    for row in rows:
-        row["auroc"] = float(np.mean(row["fold_auroc"]))
-    best = max(rows, key=lambda row: row["auroc"])  # the first of equals: max keeps the earliest
-    return dict(best["hyper"]), table

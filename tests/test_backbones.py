@@ -3,8 +3,8 @@ import pytest
 import skimage.data
 import torch
 
-from mofe_ood.backbones import create_backbone, for_inference, pooled_features, preprocess_config
-from mofe_ood.extract import preprocess
+from mofe_ood.backbones import (WeightsUnavailable, create_backbone, for_inference, pooled_features, preprocess,
+                                preprocess_config)
 from mofe_ood.params import ParamError
 
 # ImageNet classes 281-285: tabby, tiger cat, Persian, Siamese, Egyptian cat.
@@ -81,7 +81,7 @@ def test_bad_backbone_params_name_the_value(name, weights, size, match):
 
 def test_hub_weights_offline_fail_with_a_clear_message(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="vit_small_patch14_dinov2.*local file"):
+    with pytest.raises(WeightsUnavailable, match="vit_small_patch14_dinov2.*local file"):
         create_backbone("vit_small_patch14_dinov2", "hub", 126)
 
 

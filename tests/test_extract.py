@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 
 from mofe_ood import extract, prepare
-from mofe_ood.backbones import Preprocess
+from mofe_ood.backbones import Preprocess, features_of, preprocess
 from mofe_ood.params import ParamError, load, merged
+from mofe_ood.splits import Images, load_features, load_split
 
 TINY = {
     "prepare": {
@@ -31,12 +32,12 @@ def tiny(tmp_path_factory):
 def test_preprocess_replicates_gray_and_normalises():
     prep = Preprocess(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     gray = np.full((2, 4, 4), 255, np.uint8)
-    x = extract.preprocess(gray, prep)
+    x = preprocess(gray, prep)
     assert x.shape == (2, 3, 8, 8) and x.dtype == torch.float32
     assert torch.allclose(x, torch.ones_like(x))  # (1 - 0.5) / 0.5
     rgb = np.zeros((1, 8, 8, 3), np.uint8)
     rgb[..., 1] = 255
-    y = extract.preprocess(rgb, prep)
+    y = preprocess(rgb, prep)
     assert torch.allclose(y[0, 1], torch.ones(8, 8)) and torch.allclose(y[0, 0], -torch.ones(8, 8))
 
 
@@ -48,11 +49,11 @@ def test_features_layout(tiny):
     assert info["splits"]["fmnist_near"] == {"kind": "ood", "group": "near", "count": 5}
     assert json.loads((root / "features" / "info.json").read_text()) == info
     for name in names:
-        feats, labels = extract.load_features(root / "features", name)
+        feats, labels = load_features(root / "features", name)
         assert feats.dtype == np.float32 and feats.shape == (info["splits"][name]["count"], 1280)
         assert labels.dtype == np.int64 and np.isfinite(feats).all()
         assert (labels >= 0).all() if info["splits"][name]["kind"] == "id" else (labels == -1).all()
-    train, labels = extract.load_features(root / "features", "train")
+    train, labels = load_features(root / "features", "train")
     assert sorted(np.bincount(labels)) == [4] * 7
     # Real pretrained features, not noise: same-class images are closer than other-class ones.
     unit = train / np.linalg.norm(train, axis=1, keepdims=True)
@@ -76,14 +77,14 @@ def test_image_files_give_the_same_features_as_arrays(tiny, tmp_path):
     params, root, _ = tiny
     model, prep = extract.load_model(params)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # folded for speed
-    images = prepare.load_split(root / "prepared", "textile")
+    images = load_split(root / "prepared", "textile")
     paths = []
     for i, im in enumerate(images.images):
         Image.fromarray(im).resize((prep.image_size, prep.image_size), Image.BILINEAR).save(tmp_path / f"{i}.png")
         paths.append(str(tmp_path / f"{i}.png"))
-    from_files = extract.features_of(model, prepare.Images(images.labels, paths=np.array(paths)), prep, 8)
+    from_files = features_of(model, Images(images.labels, paths=np.array(paths)), prep, 8)
     resized = np.stack([np.asarray(Image.open(p)) for p in paths])
-    from_arrays = extract.features_of(model, prepare.Images(images.labels, images=resized), prep, 8)
+    from_arrays = features_of(model, Images(images.labels, images=resized), prep, 8)
     np.testing.assert_allclose(from_files, from_arrays, atol=1e-5)
 
 
@@ -92,7 +93,9 @@ def test_bad_extract_params_keep_earlier_features(tiny):
     before = (root / "features" / "train.npz").read_bytes()
     cases = [({"backbone": "vit_huge_dinov3"}, "extract.backbone: 'vit_huge_dinov3'"),
              ({"batch_size": 0}, "extract.batch_size: 0"),
-             ({"device": "gpu"}, "extract.device: 'gpu' is not one of 'auto', 'cpu', 'cuda'")]
+             ({"device": "gpu"}, "extract.device: 'gpu' is not one of 'auto', 'cpu', 'cuda'"),
+             ({"num_threads": 0}, "extract.num_threads: 0 is below the minimum 1"),
+             ({"image_sise": 64}, r"extract.image_sise: not a known key \(did you mean extract.image_size\?\)")]
     if not torch.cuda.is_available():
         cases.append(({"device": "cuda"}, "extract.device: 'cuda' but no CUDA device"))
     for override, match in cases:

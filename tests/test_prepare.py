@@ -1,11 +1,11 @@
-import json
-
 import numpy as np
 import pytest
 from PIL import Image
 
-from mofe_ood import prepare
+from mofe_ood import prepare, sources
+from mofe_ood.images import BadImage
 from mofe_ood.params import ParamError, merged, load
+from mofe_ood.splits import Images, load_split
 
 SMALL = {
     "prepare": {
@@ -43,13 +43,13 @@ def test_default_benchmark_splits(tmp_path, small_params):
     assert splits["test"]["count"] == 70
     assert {n: splits[n]["group"] for n in ("fmnist_near", "mnist", "textile", "textures")} == {
         "fmnist_near": "near", "mnist": "far", "textile": "far", "textures": "far"}
-    train = prepare.load_split(tmp_path / "prepared", "train")
+    train = load_split(tmp_path / "prepared", "train")
     assert train.images.shape == (140, 28, 28) and train.images.dtype == np.uint8
     assert set(train.labels) == set(range(7))
     for name, shape in (("mnist", (40, 28, 28)), ("textures", (9, 32, 32))):
-        ood = prepare.load_split(tmp_path / "prepared", name)
+        ood = load_split(tmp_path / "prepared", name)
         assert ood.images.shape == shape and (ood.labels == -1).all()
-    textile = prepare.load_split(tmp_path / "prepared", "textile").images
+    textile = load_split(tmp_path / "prepared", "textile").images
     assert textile.shape == (12, 128, 128, 3)  # 250 px photos downscaled to max_side
     # Same seed, same bytes.
     again = prepare.run(small_params, tmp_path / "again")
@@ -58,7 +58,7 @@ def test_default_benchmark_splits(tmp_path, small_params):
 
 def test_train_and_val_are_disjoint_per_class():
     ids = np.arange(100)
-    images = prepare.Images(ids % 4, images=ids)  # the "image" is its own index
+    images = Images(ids % 4, images=ids)  # the "image" is its own index
     val, train = prepare._per_class(images, [0, 1, 2, 3], [5, 10], np.random.default_rng(0))
     assert len(val) == 20 and len(train) == 40
     assert not set(val.images) & set(train.images)
@@ -66,7 +66,7 @@ def test_train_and_val_are_disjoint_per_class():
 
 
 def test_per_class_asking_for_too_many_names_the_class():
-    images = prepare.Images(np.zeros(10, np.int64), images=np.arange(10))
+    images = Images(np.zeros(10, np.int64), images=np.arange(10))
     with pytest.raises(ParamError, match="class 0 has 10 images"):
         prepare._per_class(images, [0], [5, 6], np.random.default_rng(0))
 
@@ -81,7 +81,7 @@ def test_image_folder_id_source(tmp_path, small_params):
     assert manifest["classes"] == ["a", "b"]
     assert manifest["splits"]["train"]["counts_per_class"] == {"a": 5, "b": 5}
     assert manifest["splits"]["train"]["storage"] == "paths"
-    test = prepare.load_split(tmp_path / "out", "test")
+    test = load_split(tmp_path / "out", "test")
     assert len(test.paths) == 4 and all(p.endswith(".png") for p in test.paths)
 
 
@@ -94,7 +94,7 @@ def test_corrupt_images_are_skipped_and_counted_or_fail(tmp_path, small_params, 
     params = merged(small_params, {"prepare": {"bad_images": mode, "ood": {}},
                                    "evaluate": {"extra_ood": {"mine": {"path": str(folder), "group": "far"}}}})
     if mode == "fail":
-        with pytest.raises(ValueError, match="prepare.ood.mine: 2 unreadable .*broken.png"):
+        with pytest.raises(BadImage, match="prepare.ood.mine: 2 unreadable .*broken.png"):
             prepare.run(params, tmp_path / "out")
         return
     with pytest.warns(UserWarning, match="skipped 2 unreadable"):
@@ -115,6 +115,13 @@ def test_corrupt_images_are_skipped_and_counted_or_fail(tmp_path, small_params, 
     ({"prepare": {"fashion_mnist_dir": "/no/fmnist"}}, FileNotFoundError, "Fashion-MNIST not found: /no/fmnist"),
     ({"prepare": {"ood": {"mnist": {"count": 999999}}}}, ParamError, "prepare.ood.mnist.count: 999999"),
     ({"prepare": {"id": {"train_per_class": -3}}}, ParamError, "prepare.id.train_per_class: -3"),
+    ({"prepare": {"id": {"source": "mnist"}}}, ParamError, "prepare.id.source: 'mnist' is not one of .*'cifar10'"),
+    ({"prepare": {"ood": {"textures": {"crop_sise": 32}}}}, ParamError,
+     r"prepare.ood.textures.crop_sise: not a key of a textures set \(did you mean prepare.ood.textures.crop_size"),
+    ({"prepare": {"ood": {"train": {"source": "mnist", "group": "far"}}}}, ParamError,
+     "prepare.ood.train: the name is taken by an ID split"),
+    ({"prepare": {"max_sid": 64}}, ParamError, r"prepare.max_sid: not a known key \(did you mean prepare.max_side"),
+    ({"prepare": {"id": {"val_per_class": None}}}, ParamError, "fewer than the"),  # null: all to val
 ])
 def test_bad_params_give_a_clear_error(tmp_path, small_params, override, error, match):
     out = tmp_path / "out"
@@ -142,3 +149,38 @@ def test_download_while_offline_is_a_clear_error(tmp_path, small_params, monkeyp
                                                "download": True, "cache_dir": str(tmp_path)}})
     with pytest.raises(ConnectionError, match="downloading svhn .* offline"):
         prepare.run(params, tmp_path / "out")
+
+
+# ---- a new data source, end to end: one registered function, named by an OOD set
+
+
+@pytest.fixture
+def stripes_source(monkeypatch):
+    """Registers `stripes`: `count` gray images with vertical stripes `width` pixels wide."""
+    monkeypatch.setattr(sources, "SOURCES", dict(sources.SOURCES))  # the registration ends with the test
+
+    @sources.source("stripes", options=("width",))
+    def stripes(request: sources.Request, ctx: sources.Context) -> Images:
+        columns = (np.arange(16) // request.options["width"]) % 2 * 255
+        images = np.broadcast_to(columns.astype(np.uint8), (request.count, 16, 16)).copy()
+        images[:, 0, 0] = np.arange(request.count)  # tell them apart
+        return Images(np.full(request.count, -1, np.int64), images=images)
+
+    return stripes
+
+
+def test_a_registered_toy_source_becomes_an_ood_set(tmp_path, small_params, stripes_source):
+    params = merged(small_params, {"prepare": {"ood": {
+        "zebra": {"source": "stripes", "group": "far", "count": 4, "width": 2}}}})
+    params["prepare"]["ood"] = {"zebra": params["prepare"]["ood"]["zebra"]}  # only the toy set
+    manifest = prepare.run(params, tmp_path / "out")
+    assert list(manifest["splits"]) == ["train", "val", "test", "zebra"]
+    assert {k: manifest["splits"]["zebra"][k] for k in ("kind", "group", "source", "count", "shape")} == {
+        "kind": "ood", "group": "far", "source": "stripes", "count": 4, "shape": [16, 16]}
+    zebra = load_split(tmp_path / "out", "zebra")
+    assert (zebra.labels == -1).all() and zebra.images[:, 0, 0].tolist() == [0, 1, 2, 3]
+    assert zebra.images[0, 1, :6].tolist() == [0, 0, 255, 255, 0, 0]
+    with pytest.raises(ParamError, match="prepare.ood.zebra: a stripes set needs width"):
+        prepare.config(merged(small_params, {"prepare": {"ood": {"zebra": {"source": "stripes", "group": "far"}}}}))
+    with pytest.raises(ParamError, match="prepare.id.source: 'stripes' is not one of"):
+        prepare.config(merged(small_params, {"prepare": {"id": {"source": "stripes"}}}))

@@ -1,15 +1,18 @@
 """OOD scores: each ranks ID above OOD, KNN matches scikit-learn, Mahalanobis/ViM match direct
-computations, hyper-parameter selection on ID data, the registry."""
+computations, hyper-parameter selection on ID data, the registry (a toy tuned score, end to end)."""
 
 import itertools
+import json
 
 import numpy as np
 import pytest
 from sklearn.neighbors import NearestNeighbors
 
-from mofe_ood import scores
+from mofe_ood import evaluate, scores, tuning
 from mofe_ood.metrics import ood_metrics
-from mofe_ood.scores import SCORES, ViM, knn_kth_distance, make_score, select_hyper
+from mofe_ood.params import ParamError, load, merged
+from mofe_ood.scores import SCORES, ViM, knn_kth_distance, make_score
+from mofe_ood.tuning import select_hyper
 
 
 def synthetic(seed=0, n_train=100, n_val=50, n_ood=150, d=16, classes=4):
@@ -197,3 +200,79 @@ def test_select_hyper_skips_a_k_larger_than_the_bank(data):
     assert best == {"k": 5} and table[1]["auroc"] is None and table[1]["fold_auroc"] == []
     with pytest.raises(ValueError, match="no candidate fits"):
         select_hyper("knn", [{"k": 10_000}], x_train, y_train, x_val, y_val)
+
+
+def test_each_tuned_score_declares_its_candidates_key():
+    assert {n: {h: t.key for h, t in c.tuned.items()} for n, c in SCORES.items() if c.tuned} == {
+        "knn": {"k": "knn_k"}, "vim": {"dim": "vim_dim"}}
+    cfg = evaluate.config(load("params.yaml"))
+    assert cfg.candidates("knn") == [{"k": k} for k in (1, 5, 10, 20, 50, 100)]
+    assert cfg.candidates("vim") == [{"dim": 32}, {"dim": 64}, {"dim": 128}]
+    assert cfg.candidates("msp") == [{}]
+    with pytest.raises(ParamError, match="evaluate.vim_dim: 0 is below the minimum 1"):
+        evaluate.config(merged(load("params.yaml"), {"evaluate": {"vim_dim": [0, 32]}}))
+
+
+# ---- a new tuned score, end to end: one class + its candidates in the evaluate section
+
+
+@pytest.fixture
+def toy_score(monkeypatch):
+    """Registers `first_dims`: distance to the nearest class mean in the first `dims` features."""
+    monkeypatch.setattr(scores, "SCORES", dict(scores.SCORES))  # the registration ends with the test
+
+    @scores.register("first_dims")
+    class FirstDims(scores.OODScore):
+        tuned = {"dims": scores.Tuned("first_dims_dims", low=1)}
+
+        def __init__(self, dims: int = 1):
+            self.dims = int(dims)
+
+        def fit(self, features, labels, logits=None, head=None):
+            x = np.asarray(features)[:, :self.dims]
+            self.means_ = np.stack([x[labels == c].mean(0) for c in np.unique(labels)])
+            return self
+
+        def score(self, features, logits=None):
+            x = np.asarray(features)[:, :self.dims]
+            return -((x[:, None] - self.means_[None]) ** 2).sum(-1).min(1)
+
+    return FirstDims
+
+
+def write_features(folder, splits: dict[str, tuple[np.ndarray, np.ndarray, str | None]]):
+    """A data/features folder: name -> (features, labels, OOD group or None for ID)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (x, y, _) in splits.items():
+        np.savez(folder / f"{name}.npz", features=x.astype(np.float32), labels=y.astype(np.int64))
+    info = {"backbone": "toy", "image_size": 0, "splits": {
+        name: {"kind": "ood" if group else "id", "group": group, "count": len(x)}
+        for name, (x, _, group) in splits.items()}}
+    (folder / "info.json").write_text(json.dumps(info))
+
+
+def test_a_registered_toy_score_is_tuned_on_id_data_only_and_evaluated(toy_score, tmp_path, data):
+    x_train, y_train, x_val, y_val, x_ood, _ = data
+    x_test, y_test = synthetic(seed=1)[2:4]
+    params = merged(load("params.yaml"), {"evaluate": {
+        "variants": ["frozen"], "scores": ["first_dims"], "default_score": "first_dims",
+        "first_dims_dims": [2, 16]}})
+    # Two OOD sets that disagree on `dims`: a far cluster (16 dims see it) and ID samples moved
+    # off the class axes along dims 0 and 1 (2 dims see it better). Neither may change the choice.
+    moved = x_test[:150] + np.r_[3.0, 3.0, np.zeros(14)]
+    results = {}
+    for name, ood in (("cluster", x_ood), ("moved", moved)):
+        write_features(tmp_path / name / "features", {
+            "train": (x_train, y_train, None), "val": (x_val, y_val, None), "test": (x_test, y_test, None),
+            "ood": (ood, -np.ones(len(ood)), "far")})
+        all_metrics = evaluate.run(params, tmp_path / name / "features", tmp_path / "no-models", tmp_path / name)
+        thresholds = json.loads((tmp_path / name / "thresholds.json").read_text())
+        results[name] = (thresholds["frozen"], all_metrics["frozen"]["first_dims"]["far"]["auroc"])
+    best, table = tuning.select_hyper("first_dims", [{"dims": 2}, {"dims": 16}], x_train, y_train, x_val, y_val)
+    assert best == {"dims": 16} and table[0]["auroc"] < table[1]["auroc"]  # held-out classes share dims 0, 1
+    for calibration, _ in results.values():
+        assert calibration["score"] == "first_dims" and calibration["hyper"] == best
+    assert results["cluster"][0]["threshold"] == results["moved"][0]["threshold"]  # ID val only
+    assert results["cluster"][1] > 0.99 and results["moved"][1] != results["cluster"][1]
+    with pytest.raises(ParamError, match="evaluate.first_dims_dims: missing"):
+        evaluate.config(load("params.yaml"))

@@ -253,7 +253,8 @@ def test_mlflow_artifacts_land_in_the_bucket(seaweedfs, tmp_path):
 def test_download_names_bucket_and_key_when_nothing_is_there(s3_env, tmp_path):
     from mofe_ood.storage import StorageError, download
 
-    with pytest.raises(StorageError, match=r"no object s3://mofe-ood-test/raw/none \(bucket 'mofe-ood-test', key 'raw/none'\)"):
+    with pytest.raises(StorageError,
+                       match=r"no object s3://mofe-ood-test/raw/none \(bucket 'mofe-ood-test', key 'raw/none'\)"):
         download(f"s3://{s3_env.bucket}/raw/none", tmp_path / "a", "prepare.fashion_mnist_dir")
     with pytest.raises(StorageError, match=r"bucket 'no-such-bucket' does not exist .*key 'x'"):
         download("s3://no-such-bucket/x", tmp_path / "b")
@@ -279,8 +280,10 @@ def test_prepare_reads_fashion_mnist_and_image_folders_from_s3(s3_env, tmp_path)
     """The same splits as from the host's folders; image folders travel inside the output."""
     from PIL import Image
 
-    from mofe_ood import extract, prepare
+    from mofe_ood import prepare
+    from mofe_ood.backbones import Preprocess, image_batch
     from mofe_ood.params import load, merged
+    from mofe_ood.splits import load_split
     from mofe_ood.storage import upload
 
     rng = np.random.default_rng(0)
@@ -310,9 +313,9 @@ def test_prepare_reads_fashion_mnist_and_image_folders_from_s3(s3_env, tmp_path)
         assert [p.split("/", 2)[:2] for p in f["paths"]] == [["files", "ood.folder"]] * 4
     # ... so the output can move (another container, another mount point) and still be read.
     (tmp_path / "s3").rename(tmp_path / "moved")
-    images = prepare.load_split(tmp_path / "moved", "folder")
+    images = load_split(tmp_path / "moved", "folder")
     assert all(Path(p).is_file() for p in images.paths)
-    batch = extract.image_batch(images, 0, 4, extract.Preprocess(32, (0.5,) * 3, (0.5,) * 3))
+    batch = image_batch(images, 0, 4, Preprocess(32, (0.5,) * 3, (0.5,) * 3))
     assert tuple(batch.shape) == (4, 3, 32, 32)
     # An ImageFolder ID source from S3 too.
     id_remote = merged(remote, {"prepare": {"id": {"source": "imagefolder", "root": f"s3://{bucket}/raw/ds",

@@ -14,8 +14,9 @@ import torch
 
 from mofe_ood import params as params_mod
 from mofe_ood.cli import parse_set
-from mofe_ood.extract import configure_threads, features_of, load_model
-from mofe_ood.prepare import Images
+from mofe_ood.backbones import features_of
+from mofe_ood.extract import configure_threads, load_model
+from mofe_ood.splits import Images
 
 
 def main(argv: list[str]) -> int:
