@@ -23,59 +23,15 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-import torch
 
 from mofe_ood import atomic, metrics, scores, tuning
 from mofe_ood.config import section
 from mofe_ood.params import ParamError, check_choice, check_number
-from mofe_ood.splits import GROUPS, DataError, load_features
+from mofe_ood.splits import GROUPS, DataError
+from mofe_ood.training.heads import FROZEN, Outputs, trained_variants, variant_outputs
 
-FROZEN = "frozen"
 ID_SPLITS = ("train", "val", "test")
 OUTPUTS = ("metrics.json", "thresholds.json", "roc", "results.md", "scores", "plots")  # as dvc.yaml lists them
-
-
-@dataclass
-class Outputs:
-    """What a variant gives for one split: the feature OOD scores read, and class logits."""
-
-    features: np.ndarray
-    logits: np.ndarray | None
-    labels: np.ndarray
-
-
-def variant_outputs(variant: str, features_dir: Path, models_dir: Path, splits: list[str]):
-    """Per split Outputs of `variant`, plus its linear head (W, b) or None.
-
-    A fine-tuned variant (mofe_ood.finetune) brings its own features, computed by its
-    fine-tuned backbone, in `models/<variant>/features`; the others read the frozen ones.
-    """
-    own = models_dir / variant / "features"
-    if variant != FROZEN and (own / "info.json").is_file():
-        features_dir = own
-    raw = {name: load_features(features_dir, name) for name in splits}
-    for name, (feats, _) in raw.items():
-        if len(feats) == 0:
-            raise DataError(f"split {name!r} is empty: nothing to evaluate")
-        bad = int((~np.isfinite(feats)).any(axis=1).sum())
-        if bad:
-            raise DataError(f"split {name!r} has {bad} samples with NaN or infinite features")
-    if variant == FROZEN:
-        return {name: Outputs(f, None, y) for name, (f, y) in raw.items()}, None
-    from mofe_ood.train import load_model
-
-    model_dir = models_dir / variant
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"evaluate.variants: no trained model for {variant!r} in {model_dir}")
-    model, _ = load_model(model_dir)
-    model.eval()
-    out = {}
-    with torch.inference_mode():
-        for name, (feats, labels) in raw.items():
-            result = model(torch.from_numpy(feats))
-            out[name] = Outputs(result["feature"].float().numpy(), result["logits"].float().numpy(), labels)
-    weight, bias = model.classifier_weights()
-    return out, (weight.detach().numpy().astype(np.float64), bias.detach().numpy().astype(np.float64))
 
 
 def applicable(score_names: list[str], has_logits: bool) -> list[str]:
@@ -137,8 +93,6 @@ class Evaluate:
 
 def config(params: Mapping) -> Evaluate:
     """The `evaluate` section, checked: every value, and each variant against what train makes."""
-    from mofe_ood.train import trained_variants
-
     fields = [(key, list) for key in scores.tuned_keys()]
     schema = dataclasses.make_dataclass("Evaluate", fields, bases=(Evaluate,), frozen=True)
     cfg = section(schema, params.get("evaluate"), "evaluate")

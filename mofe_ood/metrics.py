@@ -1,6 +1,6 @@
 """OOD detection metrics, shared by every score (as OpenOOD keeps `evaluators/metrics.py` apart).
 
-Conventions (docs/METHOD.md section 5):
+Conventions (docs/method.md section 5):
 - A score is "higher = more in-distribution (ID)"; a sample is accepted as ID
   when `score >= threshold`.
 - ID is the positive class for AUROC, FPR95 and AUPR-In (the paper's and most

@@ -1,4 +1,4 @@
-"""Dynamic-β Mixup (METHOD.md section 4) and the plain mixup it generalises.
+"""Dynamic-β Mixup (docs/method.md section 4) and the plain mixup it generalises.
 
 Each sample i draws its own interpolation weight lambda_i ~ Beta(a, a) with
 a = alpha of its class y_i; its partner is the reversed batch (sample B-1-i):

@@ -1,4 +1,4 @@
-"""Mixture of Feature Experts (MoFE, METHOD.md section 3) and the heads it is compared with.
+"""Mixture of Feature Experts (MoFE, docs/method.md section 3) and the heads it is compared with.
 
 MoFE = E feature experts, each owning the feature subspace of one group of ID
 classes, a router that predicts the ID class and sends the sample to its

@@ -6,7 +6,7 @@ more in-distribution. `needs_logits` / `needs_head` say what a score reads
 besides the features, so the evaluate stage can skip scores that a variant
 cannot feed (frozen backbone features have no classifier).
 
-The paper's score is `KNN` (section 2 of docs/METHOD.md); the others are the
+The paper's score is `KNN` (section 2 of docs/method.md); the others are the
 baselines of section 5. A score declares its tuned hyper-parameters in `tuned`
 (KNN's K, ViM's dim): their candidates are lists in params.yaml's `evaluate`
 section, and mofe_ood.tuning picks one on ID data only.

@@ -85,47 +85,12 @@ def problems(params: dict, reference: dict | None = None) -> list[str]:
             continue
         build = config_function(target)
         try:
-            if build is None:
-                _legacy_check(section, known)
-                found += unknown_keys({section: params[section]}, reference)
-                continue
             config = build(copy.deepcopy(known))
             if not dataclasses.is_dataclass(config):  # a config still kept as a dict names no bad key
                 found += unknown_keys({section: params[section]}, reference)
         except (ParamError, TypeError, KeyError, AttributeError) as err:  # a wrong type reads as these
             found.append(str(err) if isinstance(err, ParamError) else f"{section}: {type(err).__name__}: {err}")
     return list(dict.fromkeys(found))  # a config that reads two sections (finetune: train's too) says it twice
-
-
-def _legacy_check(section: str, params: dict) -> None:
-    """The checks of a stage that has no `config(params)` yet (prepare, extract, evaluate before
-    their frozen config objects). Remove when every stage module has `config`."""
-    if section == "prepare":
-        from mofe_ood import prepare
-
-        prepare._context(params)
-        prepare.check_classes((params["prepare"].get("id") or {}).get("classes"))
-        for name, spec in prepare.ood_specs(params).items():
-            if not isinstance(spec, dict):
-                raise ParamError(f"prepare.ood.{name}: expected a mapping with source and group, got {spec!r}")
-            check_choice(f"prepare.ood.{name}.source", spec.get("source"), prepare.OOD_SOURCES)
-            check_choice(f"prepare.ood.{name}.group", spec.get("group"), prepare.GROUPS)
-        check_choice("prepare.id.source", (params["prepare"].get("id") or {}).get("source"), prepare.ID_SOURCES)
-    elif section == "extract":
-        from mofe_ood import backbones
-        from mofe_ood.params import check_number
-
-        p = params["extract"]
-        backbones._check(str(p.get("backbone")), str(p.get("weights")), p.get("image_size"))
-        check_number("extract.batch_size", p.get("batch_size"), low=1, integer=True)
-        check_number("extract.num_threads", p.get("num_threads"), low=1, integer=True, allow_none=True)
-        check_number("extract.shards", p.get("shards"), low=1, integer=True)
-        check_number("extract.gpus", p.get("gpus"), low=0, integer=True)
-    elif section == "evaluate":
-        from mofe_ood import evaluate
-        from mofe_ood.train import trained_variants
-
-        evaluate.check(params, [evaluate.FROZEN, *trained_variants(params)])
 
 
 def run(params: dict, reference: dict | None = None) -> dict:

@@ -254,7 +254,7 @@ def tiny_project(tmp_path_factory, tiny_run) -> Path:
     import yaml
     from PIL import Image
 
-    from mofe_ood import evaluate, extract, prepare, train
+    from mofe_ood import evaluate, extract, prepare, splits, train
 
     root = tmp_path_factory.mktemp("tiny_pipeline")
     params = tiny_run()
@@ -265,7 +265,7 @@ def tiny_project(tmp_path_factory, tiny_run) -> Path:
     evaluate.run(params, root / "data" / "features", root / "models", root / "reports")
     for split in ("test", "fmnist_near"):
         (root / "images" / split).mkdir(parents=True)
-        for i, image in enumerate(prepare.load_split(root / "data" / "prepared", split).images):
+        for i, image in enumerate(splits.load_split(root / "data" / "prepared", split).images):
             Image.fromarray(image).save(root / "images" / split / f"{i:04d}.png")
     return root
 
@@ -273,7 +273,7 @@ def tiny_project(tmp_path_factory, tiny_run) -> Path:
 @pytest.fixture(scope="session")
 def tiny_images(tiny_project) -> Callable[[str], np.ndarray]:
     """`tiny_images(split)`: the prepared images of a split of the tiny run."""
-    from mofe_ood.prepare import load_split
+    from mofe_ood.splits import load_split
 
     return lambda split: load_split(tiny_project / "data" / "prepared", split).images
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from mofe_ood import cli, metrics
 from mofe_ood.images import encode_png
-from mofe_ood.prepare import load_split
+from mofe_ood.splits import load_split
 from mofe_ood.serving import bundle
 from mofe_ood.serving.detector import Detector
 from mofe_ood.serving.pyfunc import rows_from_input
@@ -190,7 +190,7 @@ def test_a_finetuned_variant_predicts_through_its_own_image_model(tmp_path, fine
     import torch
 
     from mofe_ood import finetune, scores
-    from mofe_ood.extract import load_features
+    from mofe_ood.splits import load_features
     from mofe_ood.training.heads import load_model
 
     data, params, variant = prepared_images(tmp_path / "prepared"), finetune_params(), "mofe_finetune"

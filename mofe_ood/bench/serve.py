@@ -236,7 +236,7 @@ def memory(load: Load, n_requests: int, window: int = 1000) -> dict:
 
 def test_images(prepared: Path, n: int = 256) -> list[bytes]:
     from mofe_ood.images import encode_png
-    from mofe_ood.prepare import load_split
+    from mofe_ood.splits import load_split
 
     if not (prepared / "manifest.json").is_file():
         raise SystemExit(f"{prepared} has no prepared benchmark: run `make run` first")

@@ -23,7 +23,7 @@ from safetensors.torch import save_file as save_tensors
 from mofe_ood.backbones import create_backbone
 from mofe_ood.images import MAX_PIXELS
 from mofe_ood.serving.detector import Detector
-from mofe_ood.training.heads import FROZEN, load_finetuned, load_model
+from mofe_ood.training.heads import FROZEN, load_finetuned, load_model, variant_outputs
 
 FORMAT = "mofe-ood-detector/1"
 
@@ -33,8 +33,6 @@ def from_pipeline(variant: str, models_dir: str | Path = "models",
                   params: dict | None = None, max_pixels: int = MAX_PIXELS,
                   max_rows: int | None = None) -> Detector:
     """The detector of `variant` as the pipeline left it (train + evaluate outputs)."""
-    from mofe_ood import evaluate
-
     models_dir, features_dir, reports_dir = Path(models_dir), Path(features_dir), Path(reports_dir)
     params = params or {}
     model_dir = models_dir / variant
@@ -50,7 +48,7 @@ def from_pipeline(variant: str, models_dir: str | Path = "models",
         raise ValueError(f"{thresholds_path} has no threshold for variant {variant!r} "
                          f"(evaluated: {', '.join(thresholds) or 'none'})")
     # The bank and the head exactly as evaluate computes them.
-    outputs, _ = evaluate.variant_outputs(variant, bank_dir, models_dir, ["train"])
+    outputs, _ = variant_outputs(variant, bank_dir, models_dir, ["train"])
     train = outputs["train"]
     bank = {"features": np.ascontiguousarray(train.features, np.float32),
             "labels": np.ascontiguousarray(train.labels, np.int64)}

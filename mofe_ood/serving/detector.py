@@ -30,8 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mofe_ood.backbones import Preprocess, for_inference, pooled_features
-from mofe_ood.extract import preprocess
+from mofe_ood.backbones import Preprocess, for_inference, pooled_features, preprocess
 from mofe_ood.images import MAX_PIXELS, BadImage, as_image
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mofe_ood.extract import image_batch, load_features
-from mofe_ood.prepare import Images, load_split
+from mofe_ood.backbones import image_batch
+from mofe_ood.splits import Images, load_features, load_split
 
 __all__ = ["Data", "Images", "load_data", "load_split", "images_on"]
 

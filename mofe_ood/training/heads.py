@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -29,6 +30,7 @@ from mofe_ood import mofe as mofe_mod
 from mofe_ood.backbones import create_backbone
 from mofe_ood.mixup import DynamicBetaMixup, Mixup
 from mofe_ood.params import ParamError
+from mofe_ood.splits import DataError, load_features
 from mofe_ood.training.settings import HEAD_VARIANTS, DynmixConfig, finetune_config, train_config
 
 FORMAT = "mofe-ood-head/1"
@@ -168,3 +170,46 @@ def load_finetuned(model_dir: str | Path) -> tuple[FinetunedMoFE, dict]:
     mofe = build_model(ft["mofe"], init_from=backbone)
     mofe.load_state_dict(load_file(model_dir / "mofe.safetensors"))
     return FinetunedMoFE(backbone, mofe).eval(), cfg
+
+
+# ---------------------------------------------------------------- heads on cached features
+
+@dataclass
+class Outputs:
+    """What a variant gives for one split: the feature OOD scores read, and class logits."""
+
+    features: np.ndarray
+    logits: np.ndarray | None
+    labels: np.ndarray
+
+
+def variant_outputs(variant: str, features_dir: Path, models_dir: Path, splits: list[str]):
+    """Per split Outputs of `variant`, plus its linear head (W, b) or None.
+
+    A fine-tuned variant (training/finetuning.py) brings its own features, computed by its
+    fine-tuned backbone, in `models/<variant>/features`; the others read the frozen ones.
+    """
+    own = models_dir / variant / "features"
+    if variant != FROZEN and (own / "info.json").is_file():
+        features_dir = own
+    raw = {name: load_features(features_dir, name) for name in splits}
+    for name, (feats, _) in raw.items():
+        if len(feats) == 0:
+            raise DataError(f"split {name!r} is empty: nothing to evaluate")
+        bad = int((~np.isfinite(feats)).any(axis=1).sum())
+        if bad:
+            raise DataError(f"split {name!r} has {bad} samples with NaN or infinite features")
+    if variant == FROZEN:
+        return {name: Outputs(f, None, y) for name, (f, y) in raw.items()}, None
+    model_dir = models_dir / variant
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"evaluate.variants: no trained model for {variant!r} in {model_dir}")
+    model, _ = load_model(model_dir)
+    model.eval()
+    out = {}
+    with torch.inference_mode():
+        for name, (feats, labels) in raw.items():
+            result = model(torch.from_numpy(feats))
+            out[name] = Outputs(result["feature"].float().numpy(), result["logits"].float().numpy(), labels)
+    weight, bias = model.classifier_weights()
+    return out, (weight.detach().numpy().astype(np.float64), bias.detach().numpy().astype(np.float64))
