@@ -16,6 +16,10 @@ from mofe_ood.serving.detector import Detector
 from mofe_ood.serving.pyfunc import rows_from_input
 
 
+# Every test here builds or reads the tiny pipeline (or fine-tunes a tiny ViT).
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def project(tiny_project):
     return tiny_project

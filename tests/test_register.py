@@ -89,6 +89,7 @@ def aliases(uri) -> dict[str, str]:
     return {a: str(v) for a, v in client(uri).get_registered_model(NAME).aliases.items()}
 
 
+@pytest.mark.slow
 def test_first_registration_logs_the_run_and_becomes_champion(registry, project, tiny_variant):
     first, uri = registry["first"], registry["uri"]
     assert first["version"] == 1 and first["alias"] == "champion" and first["new_version"]
@@ -112,6 +113,7 @@ def test_first_registration_logs_the_run_and_becomes_champion(registry, project,
     assert tags["decision"] == "champion" and tags["registration"] == "done"
 
 
+@pytest.mark.slow
 def test_a_worse_model_becomes_challenger_and_the_champion_stays(registry):
     second, uri = registry["second"], registry["uri"]
     assert second["version"] == 2 and second["alias"] == "challenger"
@@ -120,6 +122,7 @@ def test_a_worse_model_becomes_challenger_and_the_champion_stays(registry):
     assert "not above the margin" in client(uri).get_model_version(NAME, "2").tags["reason"]
 
 
+@pytest.mark.slow
 def test_registering_the_same_content_again_adds_no_version(registry, project, tiny_run):
     again = register.run(tiny_run(), out=registry["home"] / "again.json")
     assert again["version"] == 1 and not again["new_version"] and "already registered" in again["reason"]
@@ -127,6 +130,7 @@ def test_registering_the_same_content_again_adds_no_version(registry, project, t
     assert aliases(registry["uri"]) == {"champion": "1", "challenger": "2"}
 
 
+@pytest.mark.slow
 def test_unreachable_server_fails_fast_naming_it_and_writes_nothing(registry, project, monkeypatch, capsys, tiny_run):
     url = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
@@ -142,6 +146,7 @@ def test_unreachable_server_fails_fast_naming_it_and_writes_nothing(registry, pr
     assert versions(registry["uri"]) == [1, 2]
 
 
+@pytest.mark.slow
 def test_a_failed_alias_move_leaves_the_old_champion(registry, project, monkeypatch, tmp_path, tiny_variant, tiny_run):
     from mlflow import MlflowClient
 
@@ -177,6 +182,7 @@ def test_a_failed_alias_move_leaves_the_old_champion(registry, project, monkeypa
     assert versions(registry["uri"]) == [1, 2, pending, held["version"]]
 
 
+@pytest.mark.slow
 def test_promote_applies_the_gate_unless_forced(registry, project, capsys):
     champion = aliases(registry["uri"])["champion"]
     assert cli.main(["promote", "--version", "2"]) == 2
@@ -194,6 +200,7 @@ def test_promote_applies_the_gate_unless_forced(registry, project, capsys):
     assert aliases(registry["uri"])["champion"] == champion
 
 
+@pytest.mark.slow
 def test_mofe_score_reads_the_registered_champion(registry, project, capsys, tiny_variant):
     results = []
     for model in (f"models:/{NAME}@champion", f"models/{tiny_variant}"):
@@ -251,6 +258,7 @@ def post(port: int, body: bytes) -> tuple[int, dict]:
         return err.code, json.loads(err.read() or b"{}")
 
 
+@pytest.mark.slow
 def test_the_served_model_answers_each_row(registry, project, tmp_path, capsys, tiny_images):
     """4 rows in, 4 answers out: bad rows get their own error, the good ones what `mofe score` gives."""
     images = [tiny_images("test")[0], tiny_images("fmnist_near")[0]]

@@ -51,10 +51,12 @@ def test_storage_module_imports_without_boto3():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
+@pytest.mark.slow
 def test_check_s3_accepts_the_running_server(s3_env):
     assert check_s3().endpoint_url == s3_env.endpoint
 
 
+@pytest.mark.slow
 def test_check_s3_fails_fast_naming_endpoint_and_bucket_when_the_server_is_down(s3_env):
     endpoint = f"http://127.0.0.1:{free_port_pairs(1)[0]}"
     start = time.monotonic()
@@ -65,6 +67,7 @@ def test_check_s3_fails_fast_naming_endpoint_and_bucket_when_the_server_is_down(
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_check_s3_names_endpoint_and_bucket_for_wrong_credentials(s3_env, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     with pytest.raises(StorageError, match="rejected the credentials") as err:
@@ -79,6 +82,7 @@ def test_check_s3_names_endpoint_and_bucket_for_wrong_credentials(s3_env, monkey
     assert s3_env.endpoint in str(err.value)
 
 
+@pytest.mark.slow
 def test_check_s3_names_endpoint_and_bucket_for_an_unknown_bucket(s3_env):
     with pytest.raises(StorageError, match="does not exist") as err:
         check_s3(bucket="no-such-bucket")
@@ -92,6 +96,7 @@ def test_storage_error_is_a_value_error():
 
 # --- infra/services.sh -----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_services_start_is_idempotent_and_env_exports_the_settings(seaweedfs):
     pid = seaweedfs.pid
     again = seaweedfs.services("start")
@@ -103,6 +108,7 @@ def test_services_start_is_idempotent_and_env_exports_the_settings(seaweedfs):
     assert out == [seaweedfs.endpoint, seaweedfs.endpoint, seaweedfs.bucket, seaweedfs.access_key]
 
 
+@pytest.mark.slow
 def test_services_refuses_a_port_taken_by_another_server(seaweedfs, tmp_path):
     env = dict(seaweedfs.env, SERVICES_DIR=str(tmp_path / "other"))
     result = subprocess.run(["bash", str(SERVICES), "start"], env=env, capture_output=True, text=True, timeout=30)
@@ -162,6 +168,7 @@ def test_project_remote_is_s3_on_the_local_endpoint_without_credentials():
     assert "access_key" not in config and "secret" not in config
 
 
+@pytest.mark.slow
 def test_dvc_push_then_pull_in_a_fresh_clone_is_byte_identical(seaweedfs, tmp_path):
     repo = dvc_repo(tmp_path / "repo", seaweedfs, "dvc-roundtrip")
     write_files(repo / "data", 12, 20_000)
@@ -183,6 +190,7 @@ def test_dvc_push_then_pull_in_a_fresh_clone_is_byte_identical(seaweedfs, tmp_pa
         assert (repo / "data" / rel).read_bytes() == (clone / "data" / rel).read_bytes(), rel
 
 
+@pytest.mark.slow
 def test_a_push_cut_by_a_server_crash_completes_after_restart(seaweedfs, tmp_path):
     """SIGKILL the server mid-push. DVC then retries every remaining file for minutes,
     so the user interrupts it (Ctrl-C); the server restarts; pushing again leaves
@@ -232,6 +240,7 @@ print(run.info.run_id)
 """
 
 
+@pytest.mark.slow
 def test_mlflow_artifacts_land_in_the_bucket(seaweedfs, tmp_path):
     report = tmp_path / "report.json"
     report.write_text('{"auroc": 0.97}')
@@ -250,6 +259,7 @@ def test_mlflow_artifacts_land_in_the_bucket(seaweedfs, tmp_path):
 # --- s3:// raw data for `prepare` (what a container step reads instead of a host folder) -----
 
 
+@pytest.mark.slow
 def test_download_names_bucket_and_key_when_nothing_is_there(s3_env, tmp_path):
     from mofe_ood.storage import StorageError, download
 
@@ -263,6 +273,7 @@ def test_download_names_bucket_and_key_when_nothing_is_there(s3_env, tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.slow
 def test_upload_then_download_a_folder_keeps_its_layout(s3_env, tmp_path):
     from mofe_ood.storage import download, upload
 
@@ -276,6 +287,7 @@ def test_upload_then_download_a_folder_keeps_its_layout(s3_env, tmp_path):
     assert len(files_under(tmp_path / "single")) == 1
 
 
+@pytest.mark.slow
 def test_prepare_reads_fashion_mnist_and_image_folders_from_s3(s3_env, tmp_path):
     """The same splits as from the host's folders; image folders travel inside the output."""
     from PIL import Image

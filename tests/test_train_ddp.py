@@ -39,6 +39,7 @@ def features(tmp_path_factory, synthetic_features):
     return synthetic_features(tmp_path_factory.mktemp("features"), dim=6, blobs=5)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_train_what_one_process_does(features, tmp_path, monkeypatch, train_params):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the workers use gloo on the CPU, also on a GPU machine
     one = train.run(train_params(**DDP), features, tmp_path / "one")
