@@ -44,7 +44,7 @@ from mofe_ood.config import section
 from mofe_ood.errors import UserError
 from mofe_ood.params import ParamError, check_number
 from mofe_ood.serving import pyfunc
-from mofe_ood.serving.bundle import from_pipeline, save
+from mofe_ood.serving.bundle import from_pipeline, save, serve
 from mofe_ood.serving.gate import CHALLENGER, CHAMPION, Candidate, Decision, candidate, decide, gate_metric
 from mofe_ood.serving.tracking import connect, experiment_id, shown, tracking_uri
 
@@ -77,25 +77,9 @@ class Config:
         check_number("register.accuracy_tolerance", self.accuracy_tolerance, low=0, high=1)
 
 
-@dataclass(frozen=True)
-class Serve:
-    """The `serve` section: the input limits the registered model enforces per request (ours)."""
-
-    max_pixels: int
-    max_rows: int
-
-    def __post_init__(self):
-        check_number("serve.max_pixels", self.max_pixels, low=1, integer=True)
-        check_number("serve.max_rows", self.max_rows, low=1, integer=True)
-
-
 def config(params: dict) -> Config:
     serve(params)
     return section(Config, params.get("register"), "register")
-
-
-def serve(params: dict) -> Serve:
-    return section(Serve, params.get("serve"), "serve")
 
 
 # ---------------------------------------------------------------- what gets logged

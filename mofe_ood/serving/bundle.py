@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +22,29 @@ from safetensors.torch import load_file as load_tensors
 from safetensors.torch import save_file as save_tensors
 
 from mofe_ood.backbones import create_backbone
+from mofe_ood.config import section
 from mofe_ood.images import MAX_PIXELS
+from mofe_ood.params import check_number
 from mofe_ood.serving.detector import Detector
 from mofe_ood.training.heads import FROZEN, load_finetuned, load_model, variant_outputs
 
 FORMAT = "mofe-ood-detector/1"
+
+
+@dataclass(frozen=True)
+class Serve:
+    """The `serve` section: the input limits the registered model enforces per request (ours)."""
+
+    max_pixels: int
+    max_rows: int
+
+    def __post_init__(self):
+        check_number("serve.max_pixels", self.max_pixels, low=1, integer=True)
+        check_number("serve.max_rows", self.max_rows, low=1, integer=True)
+
+
+def serve(params: dict) -> Serve:
+    return section(Serve, params.get("serve"), "serve")
 
 
 def from_pipeline(variant: str, models_dir: str | Path = "models",
@@ -169,4 +188,7 @@ def load_detector(model: str, features_dir: str | Path = "data/features", report
         return load(path)
     if (path / "artifacts" / "detector" / "detector.json").is_file():  # a downloaded MLflow model
         return load(path / "artifacts" / "detector")
-    return from_pipeline(path.name, path.parent, features_dir, reports_dir, params)
+    limits = serve(params) if params and "serve" in params else None  # the limits the registered model gets
+    return from_pipeline(path.name, path.parent, features_dir, reports_dir, params,
+                         max_pixels=limits.max_pixels if limits else MAX_PIXELS,
+                         max_rows=limits.max_rows if limits else None)
