@@ -96,7 +96,7 @@ class _Batcher:
     so memory stays bounded however many requests wait.
     """
 
-    def __init__(self, forward, max_rows: int = 64):
+    def __init__(self, forward, max_rows: int = 32):
         self.forward, self.max_rows = forward, max_rows
         self.model_lock = threading.Lock()
         self.queue_lock = threading.Lock()
