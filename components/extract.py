@@ -29,7 +29,8 @@ def shard_indices(extract: str) -> List[int]:
     """0 .. extract.shards - 1: the items the pipeline's ParallelFor runs `extract_shard` over."""
     from mofe_ood.extract import shard_count
 
-    return list(range(shard_count(sections(extract=extract))))
+    # The count does not depend on the GPUs; the section only needs to be whole to be read.
+    return list(range(shard_count(with_gpus(sections(extract=extract), extract=0))))
 
 
 @component

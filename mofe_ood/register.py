@@ -343,7 +343,7 @@ def promote(params: dict, version: int | str, force: bool = False) -> dict:
     try:
         target = client.get_model_version(name, str(version))
     except MlflowException as err:
-        raise ValueError(f"registered model {name!r} has no version {version} ({err.message})") from None
+        raise ParamError(f"registered model {name!r} has no version {version} ({err.message})") from None
     champion_version, champion = current_champion(client, name)
     if champion_version == str(target.version):
         return {"model_name": name, "version": int(target.version), "alias": CHAMPION,

@@ -7,23 +7,13 @@ from PIL import Image
 
 from mofe_ood import extract, prepare
 from mofe_ood.backbones import Preprocess, features_of, preprocess
-from mofe_ood.params import ParamError, load, merged
+from mofe_ood.params import ParamError, merged
 from mofe_ood.splits import Images, load_features, load_split
 
-TINY = {
-    "prepare": {
-        "id": {"train_per_class": 4, "val_per_class": 2, "test_per_class": 3},
-        "ood": {"fmnist_near": {"count": 5}, "mnist": {"count": 5}, "textile": {"count": 3},
-                "textures": {"count": 3, "crop_size": 32}},
-    },
-    "extract": {"image_size": 64, "batch_size": 16},
-}
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, small_run):
     root = tmp_path_factory.mktemp("extract")
-    params = merged(load("params.yaml"), TINY)
+    params = small_run()
     prepare.run(params, root / "prepared")
     info = extract.run(params, root / "prepared", root / "features")
     return params, root, info

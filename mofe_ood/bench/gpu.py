@@ -105,10 +105,10 @@ def time_finetune(model, p, tp, phase: str, batch_size: int, steps: int, warmup:
 
 def time_extract(name: str, image_size: int, batch_size: int, steps: int, warmup: int) -> dict:
     """Backbone forward as `extract` runs it (its load_model: device auto, fp32, TF32 off)."""
-    from mofe_ood.extract import load_model
+    from mofe_ood.extract import Extract, backbone
 
-    model, _ = load_model({"extract": {"backbone": MODELS.get(name, name), "weights": "random",
-                                       "image_size": image_size, "device": "auto"}})
+    model, _ = backbone(Extract(backbone=MODELS.get(name, name), weights="random", image_size=image_size,
+                                batch_size=batch_size, num_threads=None, shards=1, device="auto", gpus=0))
     device = next(model.parameters()).device
     x = torch.randn(batch_size, 3, image_size, image_size).to(device)
     seconds, _, peak = _timed(torch.inference_mode()(lambda: pooled_features(model, x)), steps, warmup, device)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from mofe_ood.backbones import image_batch
-from mofe_ood.splits import Images, load_features, load_split
+from mofe_ood.splits import DataError, Images, load_features, load_split
 
 __all__ = ["Data", "Images", "load_data", "load_split", "images_on"]
 
@@ -50,16 +50,16 @@ def load_data(features_dir: str | Path) -> Data:
     for split in ("train", "val"):
         feats, labels = load_features(features_dir, split)
         if len(feats) == 0:
-            raise ValueError(f"{features_dir}/{split}.npz is empty: nothing to train on")
+            raise DataError(f"{features_dir}/{split}.npz is empty: nothing to train on")
         if not np.isfinite(feats).all():
-            raise ValueError(f"{features_dir}/{split}.npz has NaN or infinite features")
+            raise DataError(f"{features_dir}/{split}.npz has NaN or infinite features")
         if labels.min() < 0 or labels.max() >= len(info["classes"]):
-            raise ValueError(f"{features_dir}/{split}.npz has labels outside 0..{len(info['classes']) - 1}")
+            raise DataError(f"{features_dir}/{split}.npz has labels outside 0..{len(info['classes']) - 1}")
         arrays[split] = (torch.from_numpy(np.ascontiguousarray(feats, np.float32)),
                          torch.from_numpy(labels.astype(np.int64)))
     missing = sorted(set(range(len(info["classes"]))) - set(arrays["train"][1].tolist()))
     if missing:
-        raise ValueError(f"classes {missing} have no training samples in {features_dir}/train.npz")
+        raise DataError(f"classes {missing} have no training samples in {features_dir}/train.npz")
     return Data(*arrays["train"], *arrays["val"], list(info["classes"]))
 
 
