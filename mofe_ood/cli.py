@@ -131,9 +131,12 @@ def score(args, params: dict) -> int:
     import csv
     import time
 
+    import torch
+
     from mofe_ood.images import list_images
     from mofe_ood.serving.bundle import load_detector
     from mofe_ood.serving.detector import score_files
+    from mofe_ood.serving.runtime import leave_cores_to
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size: {args.batch_size} must be >= 1")
@@ -142,6 +145,7 @@ def score(args, params: dict) -> int:
     if not paths:
         raise FileNotFoundError(f"no image files in {' '.join(args.paths)}")
     detector = load_detector(args.model, params=params)
+    threads = leave_cores_to(detector.session)
     loaded = time.perf_counter()
     fields = ["path", "class", "probability", "ood_score", "is_ood", "error"]
     out = open(args.out, "w", newline="") if args.out else sys.stdout
@@ -167,6 +171,7 @@ def score(args, params: dict) -> int:
     finally:
         if args.out:
             out.close()
+        torch.set_num_threads(threads)  # as it was: `mofe score` may run inside a longer process
     seconds = time.perf_counter() - loaded
     if args.stats or failed:
         print(f"mofe score: {scored} images scored, {failed} unreadable", file=sys.stderr)

@@ -212,7 +212,7 @@ def run(params: dict, models_dir: str | Path = "models", reports_dir: str | Path
         limits = serve(params)
         detector = from_pipeline(variant, models_dir, features_dir, reports_dir, params,
                                  max_pixels=limits.max_pixels, max_rows=limits.max_rows)
-        bundle = save(detector, Path(tmp) / "detector")
+        bundle = save(detector, Path(tmp) / "detector", limits.runtime)
         digest = content_hash(bundle, entry, variant)
         result = _register(client, uri, p, params, new, entry, info, bundle, digest, reports_dir,
                            lineage)

@@ -84,6 +84,37 @@ def test_bundle_is_safetensors_and_json_and_loads_back_identical(detector, tmp_p
     np.testing.assert_array_equal(again.predict(batch).ood_score, a.ood_score)
 
 
+def test_a_bundle_for_onnxruntime_runs_the_exported_backbone_to_torch_precision(detector, tmp_path):
+    saved = bundle.save(detector, tmp_path / "onnx", runtime="onnxruntime")
+    spec = json.loads((saved / "detector.json").read_text())["backbone"]
+    assert spec["onnx"] == "backbone.onnx" and (saved / "backbone.onnx").stat().st_size > 100_000
+    loaded = bundle.load(saved)
+    assert loaded.session is not None and detector.session is None
+    # Any batch size (the export's batch axis is dynamic); features as torch computes them.
+    for n in (1, 7):
+        x = torch.randn(n, 3, detector.prep.image_size, detector.prep.image_size)
+        want, got = detector.outputs(x)[0], loaded.outputs(x)[0]
+        assert want.shape == got.shape
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+    batch = np.random.default_rng(0).integers(0, 256, (6, 28, 28), dtype=np.uint8)
+    a, b = detector.predict(batch), loaded.predict(batch)
+    np.testing.assert_allclose(b.ood_score, a.ood_score, atol=1e-4)
+    assert (a.class_index == b.class_index).all()
+    # Saving the loaded bundle for torch drops the ONNX graph; the served model's requirements follow.
+    plain = bundle.save(loaded, tmp_path / "plain")
+    assert not (plain / "backbone.onnx").exists() and bundle.load(plain).session is None
+    from mofe_ood.serving.pyfunc import requirements
+
+    assert any(r.startswith("onnxruntime") for r in requirements(saved))
+    assert not any(r.startswith("onnxruntime") for r in requirements(plain))
+
+
+def test_serve_runtime_must_be_a_known_one(tiny_run):
+    params = tiny_run()
+    with pytest.raises(ValueError, match=r"serve.runtime: 'tensorrt' is not one of onnxruntime, torch"):
+        bundle.serve({**params, "serve": {**params["serve"], "runtime": "tensorrt"}})
+
+
 def test_paths_bytes_and_arrays_give_the_same_predictions(project, detector, tmp_path, tiny_images):
     gray = tiny_images("test")[:5]
     paths = sorted((project / "images" / "test").glob("*.png"))[:5]

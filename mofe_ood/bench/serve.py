@@ -48,12 +48,12 @@ def free_port() -> int:
 def start_server(model: str, port: int, log_path: Path, env: dict | None = None,
                  timeout: float = 180) -> subprocess.Popen:
     """`mlflow models serve` for `model` on 127.0.0.1:`port`, in its own process group, once /ping answers."""
-    mlflow = Path(sys.executable).with_name("mlflow")
+    bin_dir = Path(sys.executable).parent  # mlflow runs `uvicorn` from PATH: this environment's, even unactivated
     log = open(log_path, "w")
     server = subprocess.Popen(
-        [str(mlflow), "models", "serve", "-m", model, "--env-manager", "local", "-h", "127.0.0.1",
-         "-p", str(port)], env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True)
+        [str(bin_dir / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local", "-h", "127.0.0.1",
+         "-p", str(port)], env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+                                **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
     deadline = time.monotonic() + timeout
     while True:

@@ -24,8 +24,9 @@ from safetensors.torch import save_file as save_tensors
 from mofe_ood.backbones import create_backbone
 from mofe_ood.config import section
 from mofe_ood.images import MAX_PIXELS
-from mofe_ood.params import check_number
+from mofe_ood.params import ParamError, check_number
 from mofe_ood.serving.detector import Detector
+from mofe_ood.serving.runtime import ONNX_FILE, RUNTIMES, export
 from mofe_ood.training.heads import FROZEN, load_finetuned, load_model, variant_outputs
 
 FORMAT = "mofe-ood-detector/1"
@@ -33,12 +34,15 @@ FORMAT = "mofe-ood-detector/1"
 
 @dataclass(frozen=True)
 class Serve:
-    """The `serve` section: the input limits the registered model enforces per request (ours)."""
+    """The `serve` section: the registered model's runtime and the input limits it enforces per request (ours)."""
 
     max_pixels: int
     max_rows: int
+    runtime: str
 
     def __post_init__(self):
+        if self.runtime not in RUNTIMES:
+            raise ParamError(f"serve.runtime: {self.runtime!r} is not one of {', '.join(RUNTIMES)}")
         check_number("serve.max_pixels", self.max_pixels, low=1, integer=True)
         check_number("serve.max_rows", self.max_rows, low=1, integer=True)
 
@@ -110,17 +114,24 @@ def _pipeline_backbone(info: dict, model_dir: Path, params: dict) -> tuple[torch
     return backbone, spec
 
 
-def save(detector: Detector, out_dir: str | Path) -> Path:
-    """Write the bundle (replacing `out_dir`): detector.json, bank.safetensors, head/, [backbone]."""
+def save(detector: Detector, out_dir: str | Path, runtime: str = "torch") -> Path:
+    """Write the bundle (replacing `out_dir`): detector.json, bank.safetensors, head/, [backbone].
+
+    runtime "onnxruntime" adds backbone.onnx (a frozen backbone only), which `load` then runs.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     spec = dict(detector.backbone_spec)
+    spec.pop("onnx", None)  # a loaded bundle's: written again below only for runtime onnxruntime
     if spec["weights"] not in ("package", "finetuned"):  # finetuned: its weights are in head/
         spec["weights"] = "backbone.safetensors"
         save_tensors({k: v.detach().contiguous() for k, v in detector.saved_backbone.state_dict().items()},
                      out_dir / "backbone.safetensors")
+    if runtime == "onnxruntime" and not detector.finetuned:
+        export(detector.backbone, spec["image_size"], out_dir / ONNX_FILE)
+        spec["onnx"] = ONNX_FILE
     save_arrays(detector.bank, out_dir / "bank.safetensors")
     if detector.head_files:
         (out_dir / "head").mkdir()
@@ -157,10 +168,12 @@ def load(bundle_dir: str | Path) -> Detector:
         head_files = {f.name: f.read_bytes() for f in sorted(head_dir.iterdir()) if f.is_file()}
     bank = load_arrays(bundle_dir / "bank.safetensors")
     limits = config["input"]  # bundles from before the serve section have no max_rows
+    onnx = bundle_dir / spec["onnx"] if spec.get("onnx") else None  # bundles saved for torch have none
     return Detector(variant=config["variant"], classes=config["classes"], backbone=backbone,
-               backbone_spec=spec, head=head, head_files=head_files, bank=bank,
-               score=config["score"], max_side=limits["max_side"],
-                    max_pixels=limits.get("max_pixels", MAX_PIXELS), max_rows=limits.get("max_rows"))
+                    backbone_spec=spec, head=head, head_files=head_files, bank=bank,
+                    score=config["score"], max_side=limits["max_side"],
+                    max_pixels=limits.get("max_pixels", MAX_PIXELS), max_rows=limits.get("max_rows"),
+                    onnx=onnx)
 
 
 def load_detector(model: str, features_dir: str | Path = "data/features", reports_dir: str | Path = "reports",

