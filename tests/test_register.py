@@ -210,7 +210,8 @@ def test_mofe_score_reads_the_registered_champion(registry, project, capsys, tin
     assert len(from_registry) == 60
     for a, b in zip(from_registry, local):
         assert a["path"] == b["path"] and a["class"] == b["class"] and a["is_ood"] == b["is_ood"]
-        assert a["ood_score"] == pytest.approx(b["ood_score"], abs=1e-6)
+        # The registered bundle runs the backbone on ONNX Runtime, models/ on torch: float rounding apart.
+        assert a["ood_score"] == pytest.approx(b["ood_score"], abs=1e-5)
 
 
 def test_gate_rules(tiny_variant, tiny_run):
