@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,6 +89,8 @@ def test_a_bundle_for_onnxruntime_runs_the_exported_backbone_to_torch_precision(
     saved = bundle.save(detector, tmp_path / "onnx", runtime="onnxruntime")
     spec = json.loads((saved / "detector.json").read_text())["backbone"]
     assert spec["onnx"] == "backbone.onnx" and (saved / "backbone.onnx").stat().st_size > 100_000
+    # No source paths in the graph (the exporter's debug notes): the same bytes in any checkout or image.
+    assert str(Path(__file__).resolve().parents[1]).encode() not in (saved / "backbone.onnx").read_bytes()
     loaded = bundle.load(saved)
     assert loaded.session is not None and detector.session is None
     # Any batch size (the export's batch axis is dynamic); features as torch computes them.

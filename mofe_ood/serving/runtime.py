@@ -57,7 +57,10 @@ def export(backbone: torch.nn.Module, image_size: int, out: Path) -> Path:
         program = torch.onnx.export(model, (x,), input_names=["images"], output_names=["features"],
                                     dynamic_shapes={"x": {0: batch}}, dynamo=True, optimize=True,
                                     verbose=False)
-    data = program.model_proto.SerializeToString()  # one file: the weights inside, no external data
+    proto = program.model_proto
+    for node in proto.graph.node:  # the exporter's debug notes hold source paths: same model, other bytes
+        del node.metadata_props[:]
+    data = proto.SerializeToString()  # one file: the weights inside, no external data
     session = Session(data, threads=1)
     with torch.no_grad():
         want = model(x)
