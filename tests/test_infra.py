@@ -133,9 +133,11 @@ def test_dockerfile_installs_pinned_dependencies_apart_from_the_code_as_non_root
     (deps,) = [i for i, arg in runs if re.search(r"pip install -c requirements\.lock \"\.\[pipeline\]\"", arg)]
     (code,) = [i for i, arg in runs if "--no-deps" in arg and "--no-index" in arg]
     copies = {arg: i for i, (op, arg) in enumerate(steps) if op == "COPY"}
-    # Dependencies come from pyproject + the lock only; the code is copied after them, so a
-    # code change reuses the dependency layer.
-    assert copies["pyproject.toml requirements.lock README.md ./"] < deps < copies["mofe_ood ./mofe_ood"] < code
+    # Dependencies come from pyproject + the lock only; the code and README (pyproject's readme)
+    # are copied after them, so a code or README change reuses the dependency layer.
+    assert copies["pyproject.toml requirements.lock ./"] < deps < copies["mofe_ood ./mofe_ood"] < code
+    assert deps < copies["README.md params.yaml dvc.yaml ./"] < code
+    assert not any("README" in arg for arg, i in copies.items() if i < deps)
     # The commit: a build argument, a label and the env var the register step reads.
     assert "ARG" in ops and any(arg.startswith("GIT_COMMIT=") for op, arg in steps if op == "ARG")
     assert any("org.opencontainers.image.revision=$GIT_COMMIT" in arg for op, arg in steps if op == "LABEL")
