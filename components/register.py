@@ -23,8 +23,11 @@ def register(base: str, prepare: str, extract: str, train: str, finetune: str, e
                        extract=extract_gpus, train=train_gpus)
     lineage = {"kfp_run_id": kfp_run_id, "image": image, "features_uri": features.uri,
                "models_uri": models.uri, "reports_uri": reports.uri}
-    result = stage.run(params, models.path, reports.path, features.path, out=registration.path,
-                       lineage=lineage)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:  # the candidate file is for DVC; reports is an input here
+        result = stage.run(params, models.path, reports.path, features.path, out=registration.path,
+                           lineage=lineage, candidate_out=f"{tmp}/candidate.json")
     registration.metadata.update({k: result.get(k) for k in ("model_name", "version", "alias", "reason",
                                                              "run_id", "tracking_uri")})
     registration.metadata["model_uri"] = f"models:/{result['model_name']}/{result['version']}"

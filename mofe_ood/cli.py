@@ -86,7 +86,11 @@ def command(args: argparse.Namespace) -> int:
     if args.command in USER_COMMANDS:
         return {"score": score, "promote": promote, "push-raw": push_raw, "validate": validate,
                 "params": show_params}[args.command](args, params)
-    result = stages.get(args.command).load().run(params)
+    module = stages.get(args.command).load()
+    result = module.run(params)
+    if hasattr(module, "summary"):  # a stage whose result is too long for a terminal says it shorter
+        print(module.summary(result, params))
+        return 0
     summary = {k: v for k, v in (result or {}).items() if k != "splits"}
     if isinstance(result, dict) and "splits" in result:
         summary["splits"] = {k: v.get("count") for k, v in result["splits"].items()}
