@@ -4,8 +4,13 @@
     python pipeline.py run [--runner docker] [--image IMAGE]      # the whole pipeline here
     python pipeline.py submit --host URL [--experiment NAME]     # a run on a KFP endpoint
 
-    validate -> prepare -> extract -> train -> evaluate -> register           (extract.shards: 1, any KFP 2.x)
-    validate -> prepare -> extract x N (ParallelFor) -> merge_features -> ...  (extract.shards: N > 1)
+    validate -> prepare -> extract -> train -> evaluate -> register           (extract.shards: 1)
+    validate -> prepare -> extract x N (ParallelFor) -> merge_features -> ...  (extract.shards: N > 1, KFP >= 2.14.0)
+
+The IR runs on KFP backends from 2.2.0 (Kubeflow 1.9) on: it carries a feature of a newer
+backend only where the params ask for it (extract.shards > 1; `kfp.backend` at or above a
+feature's version: retries 2.4.1, a memory-backed /dev/shm on GPU steps 2.3.0), and `submit`
+refuses an IR the server is too old for (kfpipe/backends.py has the features and their sources).
 
 The steps after `validate` are the stage table's (mofe_ood/stages.py: names, order,
 sections, pods); each step takes its inputs by name from the params sections, the GPU
@@ -14,11 +19,13 @@ counts and the outputs of the steps before it, so a new stage needs no change he
 compile, run and submit run the same check here first.
 
 Each params.yaml section a stage reads (base, prepare, ...) is one pipeline parameter,
-the section as JSON text, its default the file's value; `--params` takes params.yaml or a
-preset, `--set` changes the values sent for this run. `extract.gpus` and `train.gpus`
-are integer parameters of their own: they feed the steps' accelerator limits. The `kfp`
-section (image, pipeline_root, GPU node settings, data PVC, train timeout) is read when
-compiling: it shapes the pods, not the computation. MOFE_IMAGE and
+the section as JSON text, its default the file's value, and each step takes exactly what
+its stage reads (`section__key` where it reads one key of a section: Stage.partial), so
+KFP's cache and DVC's re-run the same stages on a change. `--params` takes params.yaml or a
+preset, `--set` changes the values. `<stage>.gpus` stays in its section (the validate step
+checks that a run's count is the one compiled into the pods' GPU limit). The `kfp` section
+(image, pipeline_root, GPU node settings, data PVC, train timeout, backend) is read when
+compiling: it shapes the pods (and their env), never a step's inputs. MOFE_IMAGE and
 MOFE_PIPELINE_ROOT override `kfp.image` and `kfp.pipeline_root`; an image without
 a tag gets the checkout's (infra/image.sh tag: the commit), so a new commit is a new
 image string and KFP's cache cannot serve old code.
@@ -39,7 +46,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import urllib.request
 import warnings
 from pathlib import Path
 
@@ -47,18 +53,16 @@ from kfp import compiler, dsl, kubernetes
 
 from components.extract import extract_shard, merge_features, shard_indices
 from components.validate import validate as validate_params
+from kfpipe import backends, server
 from mofe_ood import stages
 from mofe_ood.cli import USER_ERRORS, parse_set
 from mofe_ood.params import ParamError, load, merged
 from mofe_ood.stages import Kfp, Resources
 
 ROOT = Path(__file__).resolve().parent
-NAME = "mofe-ood"
+NAME = server.NAME
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # kfp.local colours its messages
 RUNNERS = ("subprocess", "docker")
-# dsl.Collected over artifacts (the fan-in of extract.shards > 1) runs on KFP backends from
-# 2.5.0 on (kubeflow/pipelines PR 11725, "enable dsl.Collected for parameters & artifacts").
-COLLECTED_MIN_BACKEND = (2, 5, 0)
 # infra/k8s's Secret and ConfigMap (they must exist in the namespace the runs use), and the
 # resource name of a GPU in the cluster.
 SECRET, CONFIG_MAP, GPU_TYPE = "mofe-ood-s3", "mofe-ood-storage", "nvidia.com/gpu"
@@ -113,45 +117,59 @@ def gpus(params: dict) -> dict[str, int]:
             for stage in stages.STAGES if stage.pod.gpus}
 
 
-def on_cluster(task: dsl.PipelineTask, settings: Kfp, gpu_count=None, compiled_gpus: int = 0) -> dsl.PipelineTask:
+def pod_env(params: dict, settings: Kfp) -> dict[str, str]:
+    """What every container step gets as env: where the raw Fashion-MNIST is (a container has no
+    host folder; prepare.fashion_mnist_dir, when set, comes first) and the image's name (register's
+    lineage). Env, not inputs: neither changes what a step computes."""
+    return {"FASHION_MNIST_DIR": raw_fashion_mnist(params), "MOFE_IMAGE": settings.image}
+
+
+def on_cluster(task: dsl.PipelineTask, settings: Kfp, env: dict[str, str], gpu_count: int = 0) -> dsl.PipelineTask:
     """Image, resources, retries, caching, secrets and GPUs of `task` (its pod, by component name).
 
-    `gpu_count`: the pipeline parameter feeding the accelerator limit, wired only when the
-    params asked for GPUs at compile time (`compiled_gpus` > 0): a pod of a default run asks
-    for no GPU and schedules on a cluster without GPU nodes.
+    `gpu_count`: the step's `<stage>.gpus`, a literal limit (backends before 2.4.0 read no
+    other); 0: the pod asks for no GPU and schedules on a cluster without GPU nodes. Features
+    of backends newer than `kfp.backend` stay out (backends.allows).
     """
     pod = pods()[task.component_spec.name.replace("_", "-")]
     task.set_container_image(settings.image)
     task.set_cpu_request(f"{pod.cpu:g}").set_memory_request(pod.memory).set_memory_limit(pod.memory)
     # torch in a container sees every core of the node, not the pod's share of them.
-    task.set_env_variable("OMP_NUM_THREADS", str(max(1, int(pod.cpu))))
+    for key, value in {**env, "OMP_NUM_THREADS": str(max(1, int(pod.cpu)))}.items():
+        task.set_env_variable(key, value)
+    # The run's id for register's lineage: every backend from 2.2.0 labels each pod with it
+    # (v2_template.go SetPodMetadataLabels); {{$.pipeline_job_uuid}} needs 2.5.0.
+    kubernetes.use_field_path_as_env(task, "KFP_RUN_ID", "metadata.labels['pipeline/runid']")
     task.set_caching_options(pod.cache)
-    if pod.retries:
+    if pod.retries and backends.allows(settings.backend, "retries"):
         task.set_retry(pod.retries, backoff_duration="30s", backoff_factor=2)
-    if compiled_gpus:
+    if gpu_count:
         task.set_accelerator_type(GPU_TYPE).set_accelerator_limit(gpu_count)
         for toleration in settings.gpu_tolerations:
             kubernetes.add_toleration(task, **toleration)
         for key, value in settings.gpu_node_selector.items():
             kubernetes.add_node_selector(task, key, str(value))
-        # NCCL and DataLoader workers share memory through /dev/shm, 64 MiB in a default pod.
-        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+        if backends.allows(settings.backend, "/dev/shm"):
+            # NCCL and DataLoader workers share memory through /dev/shm, 64 MiB in a default pod.
+            kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
     if pod.data and settings.data_pvc:
         kubernetes.mount_pvc(task, pvc_name=settings.data_pvc, mount_path=settings.data_mount)
     if pod.storage:
         kubernetes.use_secret_as_env(task, SECRET, {k: k for k in SECRET_KEYS})
         kubernetes.use_config_map_as_env(task, CONFIG_MAP, {k: k for k in CONFIG_KEYS})
+    backends.older_form(task.platform_config.get("kubernetes", {}))
     return task
 
 
-def in_docker(task: dsl.PipelineTask, settings: Kfp) -> dsl.PipelineTask:
+def in_docker(task: dsl.PipelineTask, settings: Kfp, env: dict[str, str]) -> dsl.PipelineTask:
     """A step of a local DockerRunner run: the image, and this shell's S3 / MLflow settings as env.
 
     The values go to the local container only (nothing is compiled); no hub is reached.
     """
     pod = pods()[task.component_spec.name.replace("_", "-")]
     task.set_container_image(settings.image)
-    task.set_env_variable("HF_HUB_OFFLINE", "1")
+    for key, value in {**env, "HF_HUB_OFFLINE": "1"}.items():
+        task.set_env_variable(key, value)
     if pod.storage:
         for key in (*SECRET_KEYS, *CONFIG_KEYS):
             if os.environ.get(key):
@@ -167,22 +185,21 @@ def component(stage: stages.Stage):
 
 def call(component, available: dict, what: str) -> dsl.PipelineTask:
     """`component` called with each of its inputs taken by name from `available` (sections,
-    GPU counts, earlier steps' artifacts): the pipeline wires outputs to inputs by name."""
+    earlier steps' artifacts): the pipeline wires outputs to inputs by name."""
     args = {}
     for name, spec in (component.component_spec.inputs or {}).items():
         if name in available:
             args[name] = available[name]
         elif spec.default is None and not spec.optional:
-            raise TypeError(f"{what}: no section, GPU count or earlier step's output is named {name!r} "
+            raise TypeError(f"{what}: no section or earlier step's output is named {name!r} "
                              f"(available: {', '.join(sorted(available))})")
     return component(**args)
 
 
 def pipeline_signature(defaults: dict) -> inspect.Signature:
-    """The pipeline's parameters: one JSON text per params section, one integer per GPU count."""
+    """The pipeline's parameters: one JSON text per params section (and per `section__key`)."""
     return inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=value,
-                                                annotation=int if isinstance(value, int) else str)
-                              for name, value in defaults.items()])
+                                                annotation=str) for name, value in defaults.items()])
 
 
 def build(params: dict, until: str | None = None, runner: str = "cluster", image: str | None = None):
@@ -198,31 +215,27 @@ def build(params: dict, until: str | None = None, runner: str = "cluster", image
     from mofe_ood import validate
 
     validate.run(params)  # a bad param fails here, before anything is compiled or run
-    defaults = arguments(params, runner)
+    defaults = arguments(params)
     settings = cluster_settings(params, image) if runner != "subprocess" else None
+    env = pod_env(params, settings) if settings else {}
     names = stages.names()
     steps = stages.STAGES[:names.index(until or names[-1]) + 1]
-    compiled = gpus(params)
+    counts = gpus(params)
 
-    def pod(task: dsl.PipelineTask, gpu_count=None, stage: str = "") -> dsl.PipelineTask:
+    def pod(task: dsl.PipelineTask, stage: str = "") -> dsl.PipelineTask:
         if runner == "cluster":
-            return on_cluster(task, settings, gpu_count, compiled.get(stage, 0))
-        return in_docker(task, settings) if runner == "docker" else task
+            return on_cluster(task, settings, env, counts.get(stage, 0))
+        return in_docker(task, settings, env) if runner == "docker" else task
 
     def mofe_ood(*values):
-        inputs = dict(zip(defaults, values))
-        available = {**inputs, "reference": json.dumps(params, sort_keys=True),
-                     "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                     "image": settings.image if settings else ""}
+        available = {**dict(zip(defaults, values)), "reference": json.dumps(params, sort_keys=True)}
         checked = pod(call(validate_params, available, "validate"))
         produced: set[str] = set()  # artifacts of the steps so far
         for stage in steps:
-            gpu_count = inputs.get(f"{stage.name}_gpus")
-            here = {**available, "gpus": gpu_count}
             if stage.name == "extract" and params["extract"]["shards"] > 1:
-                task = sharded_extract(here, pod, gpu_count)
+                task = sharded_extract(available, pod)
             else:
-                task = pod(call(component(stage), here, stage.name), gpu_count, stage.name)
+                task = pod(call(component(stage), available, stage.name), stage.name)
             if not produced & set(component(stage).component_spec.inputs or {}):
                 task.after(checked)  # a first step: it waits until the params are known to be good
             if stage.name == "train" and runner == "cluster":  # a hung run must not hold its GPUs forever
@@ -237,34 +250,29 @@ def build(params: dict, until: str | None = None, runner: str = "cluster", image
                                     "Feature Experts (MoFE, arXiv 2510.10584)")
 
 
-def sharded_extract(available: dict, pod, gpu_count) -> dsl.PipelineTask:
-    """extract.shards > 1: fan out over the shards, fan in (needs dsl.Collected: COLLECTED_MIN_BACKEND)."""
+def sharded_extract(available: dict, pod) -> dsl.PipelineTask:
+    """extract.shards > 1: fan out over the shards, fan in (dsl.Collected: KFP backend >= 2.14.0)."""
     shards = pod(call(shard_indices, available, "shard-indices"))
     with dsl.ParallelFor(shards.output) as shard:
-        part = pod(call(extract_shard, {**available, "shard": shard}, "extract-shard"), gpu_count, "extract")
+        part = pod(call(extract_shard, {**available, "shard": shard}, "extract-shard"), "extract")
     return pod(merge_features(shards=dsl.Collected(part.outputs["features"])))
 
 
-def arguments(params: dict, runner: str = "subprocess") -> dict:
-    """The run's pipeline arguments: each params section a stage reads as JSON text (see
-    components/), and `<stage>_gpus` as integers (taken out of their sections: one place each).
-
-    A container has no host folder: unless prepare.fashion_mnist_dir names one, its steps
-    read Fashion-MNIST from S3 (`kfp.fashion_mnist`, default s3://$S3_BUCKET/raw/fashion-mnist,
-    where `mofe push-raw` puts it).
-    """
-    sections = {name: dict(params[name]) for name in stages.sections()}
-    counts = gpus(params)
-    for stage in counts:
-        sections[stage].pop("gpus")
-    if runner != "subprocess" and not sections["prepare"]["fashion_mnist_dir"]:
-        sections["prepare"]["fashion_mnist_dir"] = raw_fashion_mnist(params)
-    out: dict = {name: json.dumps(value, sort_keys=True) for name, value in sections.items()}
-    out.update({f"{stage}_gpus": count for stage, count in counts.items()})
+def arguments(params: dict) -> dict:
+    """The run's pipeline arguments, as the file says them: each params section a stage reads as
+    JSON text (see components/), and each key a stage reads alone (`Stage.partial`) as
+    `section__key`, a copy of that key (the validate step checks that the two agree)."""
+    out = {name: json.dumps(params[name], sort_keys=True) for name in stages.sections()}
+    for stage in stages.STAGES:
+        for read in stage.partial:
+            section, key = read.split(".")
+            out[f"{section}__{key}"] = json.dumps(params[section][key], sort_keys=True)
     return out
 
 
 def raw_fashion_mnist(params: dict) -> str:
+    """Where a container step reads Fashion-MNIST when prepare.fashion_mnist_dir is null:
+    `kfp.fashion_mnist`, default s3://$S3_BUCKET/raw/fashion-mnist (where `mofe push-raw` puts it)."""
     return params["kfp"]["fashion_mnist"] or f"s3://{os.environ.get('S3_BUCKET') or 'mofe-ood'}/raw/fashion-mnist"
 
 
@@ -288,7 +296,7 @@ def run_locally(params: dict, root: str | Path, until: str | None = None, runner
     with warnings.catch_warnings():
         # The local runner warns that our image name lacks "python": it runs this interpreter.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-        build(params, until, runner, image)(**arguments(params, runner))
+        build(params, until, runner, image)(**arguments(params))
     (run,) = set(root.glob("*")) - before  # <root>/<pipeline>-<time>/<task>/<output>
     return {str(out.relative_to(run)): out for log in sorted(run.rglob("executor_output.json"))
             for out in sorted(log.parent.iterdir()) if out != log}
@@ -352,73 +360,14 @@ def run_container(client, image: str, command: list[str], volumes: dict, **run_a
         container.remove(force=True)
 
 
-def backend_version(host: str, token: str | None) -> tuple[int, ...] | None:
-    """The KFP server's version from its healthz (`tag_name`, e.g. 2.14.3), or None if it says none."""
-    for path in ("/apis/v1beta1/healthz", "/apis/v2beta1/healthz"):
-        request = urllib.request.Request(host.rstrip("/") + path,
-                                         headers={"Authorization": f"Bearer {token}"} if token else {})
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                tag = json.load(response).get("tag_name") or ""
-        except (OSError, ValueError):
-            continue
-        numbers = re.match(r"v?(\d+)\.(\d+)(?:\.(\d+))?", tag)
-        if numbers:
-            return tuple(int(n or 0) for n in numbers.groups())
-    return None
-
-
-def check_backend(host: str, token: str | None) -> None:
-    """Fail before anything is uploaded if the server cannot run the sharded (Collected) DAG."""
-    need = ".".join(map(str, COLLECTED_MIN_BACKEND))
-    found = backend_version(host, token)
-    fix = "set extract.shards: 1 (a plain DAG that runs on any KFP 2.x)"
-    if found is None:
-        raise ParamError(f"extract.shards > 1 needs a Kubeflow Pipelines backend >= {need} (dsl.Collected); "
-                         f"the server at {host} does not report its version: {fix}, or pass "
-                         "--no-version-check if you know it is recent enough")
-    if found < COLLECTED_MIN_BACKEND:
-        raise ParamError(f"extract.shards > 1 needs a Kubeflow Pipelines backend >= {need} (dsl.Collected); "
-                         f"the server at {host} runs {'.'.join(map(str, found))}: {fix}, or upgrade it")
-
-
 def submit(params: dict, host: str, experiment: str, run_name: str | None = None,
            namespace: str | None = None, image: str | None = None, version_check: bool = True) -> str:
-    """Upload the pipeline and a version named by the commit, then start a run of it; returns its id.
-
-    A bearer token comes from $KF_PIPELINES_TOKEN.
-    """
-    from kfp import Client
-
-    token = os.environ.get("KF_PIPELINES_TOKEN") or None
+    """Compile, then upload and run on the KFP endpoint (kfpipe/server.py); returns the run's id."""
     settings = cluster_settings(params, image)
-    if version_check and params["extract"]["shards"] > 1:
-        check_backend(host, token)
-    client = Client(host=host, existing_token=token)
-    tag = settings.image.rsplit(":", 1)[-1]
-    version_name = f"{NAME}-{tag}"
     with tempfile.TemporaryDirectory() as tmp:
-        package = str(compile_ir(params, Path(tmp) / "pipeline.yaml", image=settings.image))
-        pipeline_id = client.get_pipeline_id(NAME)
-        if pipeline_id is None:
-            pipeline_id = client.upload_pipeline(package, NAME, namespace=namespace).pipeline_id
-        versions = client.list_pipeline_versions(pipeline_id, page_size=100,
-                                                 filter=json.dumps({"predicates": [{
-                                                     "key": "display_name", "operation": "EQUALS",
-                                                     "string_value": version_name}]}))
-        found = [v for v in (versions.pipeline_versions or []) if v.display_name == version_name]
-        if found and not tag.endswith("-dirty"):  # the same commit: the same pipeline
-            version_id = found[0].pipeline_version_id
-        else:
-            if found:  # a dirty tree changes without a new commit: one version per upload
-                version_name += "-" + str(len(versions.pipeline_versions or []))
-            version_id = client.upload_pipeline_version(package, version_name,
-                                                        pipeline_id=pipeline_id).pipeline_version_id
-    experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
-    result = client.run_pipeline(experiment_id=experiment_id, job_name=run_name or version_name,
-                                 params=arguments(params, "cluster"), pipeline_id=pipeline_id,
-                                 version_id=version_id)
-    return result.run_id
+        package = compile_ir(params, Path(tmp) / "pipeline.yaml", image=settings.image)
+        return server.submit(package, arguments(params), image_tag(), host, experiment, run_name, namespace,
+                             version_check)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -448,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     sub["submit"].add_argument("--run-name")
     sub["submit"].add_argument("--namespace", help="the profile namespace (multi-user Kubeflow)")
     sub["submit"].add_argument("--no-version-check", action="store_true",
-                               help="skip the server version check of a sharded (extract.shards > 1) run")
+                               help="skip the check of the server's KFP version against what the IR needs")
     args = parser.parse_args(argv)
 
     try:

@@ -1,0 +1,118 @@
+"""The server side of `pipeline.py submit`: the backend's version, the pipeline and its
+versions (named by what runs), a run.
+
+A version is named `mofe-ood-<commit>-<IR hash>`: the same commit with other GPUs, shards,
+`kfp` settings or defaults is another IR, so another version, and a run never starts an IR
+other than the one compiled for it. A dirty tree's IR can change without a new commit: its
+versions are never reused (each upload gets a unique suffix).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from kfpipe import backends
+from mofe_ood.params import ParamError
+from mofe_ood.stages import OLDEST_KFP_BACKEND
+
+NAME = "mofe-ood"
+
+
+def backend_version(host: str, token: str | None) -> tuple[int, ...] | None:
+    """The KFP server's version from its healthz (`tag_name`, e.g. 2.14.3), or None if it says none."""
+    for path in ("/apis/v2beta1/healthz", "/apis/v1beta1/healthz"):
+        request = urllib.request.Request(host.rstrip("/") + path,
+                                         headers={"Authorization": f"Bearer {token}"} if token else {})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                found = backends.parse(json.load(response).get("tag_name") or "")
+        except (OSError, ValueError):
+            continue
+        if found:
+            return found
+    return None
+
+
+def check_backend(package: Path, host: str, found: tuple[int, ...] | None) -> None:
+    """Refuse (before any upload) an IR that needs a newer backend than the server's, naming
+    each feature and both versions."""
+    spec, platform = yaml.safe_load_all(Path(package).read_text())
+    need = backends.needs(spec, platform)
+    needed = need[0].since if need else OLDEST_KFP_BACKEND
+    what = "; ".join(f"{f.name} needs >= {f.since}" for f in need) or \
+        f"this project supports KFP backends >= {OLDEST_KFP_BACKEND}"
+    text = lambda v: ".".join(map(str, v))  # noqa: E731
+    if found is None:
+        if need:
+            raise ParamError(f"the IR needs a Kubeflow Pipelines backend >= {needed} ({what}); the server at "
+                             f"{host} does not report its version: pass --no-version-check if you know it "
+                             "is recent enough, or leave those features out (extract.shards: 1, "
+                             f"kfp.backend: {OLDEST_KFP_BACKEND})")
+        print(f"pipeline.py submit: the server at {host} does not report its version; the IR runs on "
+              f"backends >= {OLDEST_KFP_BACKEND}", file=sys.stderr)
+        return
+    if found < backends.parse(needed):
+        short = [f for f in need if backends.parse(f.since) > found]
+        raise ParamError(f"the server at {host} runs KFP backend {text(found)}, but "
+                         + ("; ".join(f"{f.name} needs >= {f.since}" for f in short) if short else what)
+                         + f": leave those out (extract.shards: 1, kfp.backend: {text(found)} or lower, "
+                         f"not below {OLDEST_KFP_BACKEND}), or upgrade the server")
+
+
+def version_name(package: Path, commit: str) -> str:
+    """`mofe-ood-<commit>-<first 10 hex of the IR's sha256>`; a dirty tree's gets a unique suffix."""
+    digest = hashlib.sha256(Path(package).read_bytes()).hexdigest()[:10]
+    name = f"{NAME}-{commit}-{digest}"
+    if commit.endswith("-dirty"):
+        name += "-" + time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + os.urandom(3).hex()
+    return name
+
+
+def pipeline_id(client, namespace: str | None) -> str | None:
+    """The id of the pipeline named NAME in `namespace` (None: the shared pipelines), or None.
+
+    kfp.Client.get_pipeline_id lists shared pipelines only: in a multi-user Kubeflow a
+    namespace's own pipeline is found only by asking for that namespace.
+    """
+    name_filter = json.dumps({"predicates": [{"key": "display_name", "operation": "EQUALS",
+                                              "string_value": NAME}]})
+    found = [p for p in client.list_pipelines(filter=name_filter, namespace=namespace, page_size=10).pipelines or []
+             if p.display_name == NAME]
+    if len(found) > 1:
+        raise RuntimeError(f"{len(found)} pipelines are named {NAME} in namespace {namespace or '(shared)'}")
+    return found[0].pipeline_id if found else None
+
+
+def submit(package: Path, arguments: dict, commit: str, host: str, experiment: str, run_name: str | None = None,
+           namespace: str | None = None, version_check: bool = True) -> str:
+    """Check the server's version, find or upload the pipeline and the IR's version, start a run;
+    returns its id. A bearer token comes from $KF_PIPELINES_TOKEN."""
+    from kfp import Client
+
+    token = os.environ.get("KF_PIPELINES_TOKEN") or None
+    if version_check:
+        check_backend(package, host, backend_version(host, token))
+    client = Client(host=host, existing_token=token)
+    name = version_name(package, commit)
+    found_id = pipeline_id(client, namespace)
+    if found_id is None:
+        found_id = client.upload_pipeline(str(package), NAME, namespace=namespace).pipeline_id
+    versions = client.list_pipeline_versions(found_id, page_size=10, filter=json.dumps({"predicates": [{
+        "key": "display_name", "operation": "EQUALS", "string_value": name}]}))
+    same = [v for v in versions.pipeline_versions or [] if v.display_name == name]
+    if same:  # this commit's IR, uploaded before (a dirty tree's names are unique: never here)
+        version_id = same[0].pipeline_version_id
+    else:
+        version_id = client.upload_pipeline_version(str(package), name, pipeline_id=found_id).pipeline_version_id
+    experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
+    result = client.run_pipeline(experiment_id=experiment_id, job_name=run_name or name, params=arguments,
+                                 pipeline_id=found_id, version_id=version_id)
+    return result.run_id
