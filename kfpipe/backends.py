@@ -41,6 +41,12 @@ def parameter_gpu_count(spec: dict, platform: dict) -> bool:
                for key, value in walk(spec) if isinstance(value, dict))
 
 
+def optional_env(spec: dict, platform: dict) -> bool:
+    """A Secret or ConfigMap as env that may be missing (`optional: true`)."""
+    return any(key in ("secretAsEnv", "configMapAsEnv") and any(e.get("optional") for e in value)
+               for key, value in walk(platform))
+
+
 def job_placeholder(spec: dict, platform: dict) -> bool:
     return any(isinstance(value, str) and re.search(r"\{\{\$\.pipeline_(job|task)_", value)
                for _, value in walk(spec))
@@ -72,6 +78,8 @@ FEATURES = (
             job_placeholder),
     Feature("dsl.Collected over a ParallelFor (extract.shards > 1)", "2.14.0",
             "kubeflow/pipelines PR 11725, first in tag 2.14.0 (not in 2.5.0)", has_key("isArtifactList")),
+    Feature("an optional Secret / ConfigMap as env (optional: true)", "2.15.0",
+            "kubeflow/pipelines PR 12216, first in tag 2.15.0", optional_env),
 )
 
 
@@ -99,7 +107,8 @@ def older_form(config: dict) -> dict:
     older field says the same: `use_secret_as_env("s")` writes `secretName: s` and, for backends
     from 2.5.0, `secretNameParameter: {runtimeValue: {constant: s}}`; a 2.2.0-2.4.0 driver fails
     the step on the second, and a later one reads the first alike. A name that comes from a real
-    parameter stays (and the IR then needs 2.5.0: FEATURES)."""
+    parameter stays (and the IR then needs 2.5.0: FEATURES). Likewise `optional: false` on a
+    Secret / ConfigMap as env (2.15.0's field; false is what older backends do anyway)."""
     pairs = {"secretAsEnv": ("secretName", "secretNameParameter"),
              "secretAsVolume": ("secretName", "secretNameParameter"),
              "configMapAsEnv": ("configMapName", "configMapNameParameter"),
@@ -109,6 +118,8 @@ def older_form(config: dict) -> dict:
         for entry in config.get(field, []):
             if new in entry and entry.get(old) and entry[new] == {"runtimeValue": {"constant": entry[old]}}:
                 del entry[new]
+            if field.endswith("AsEnv") and entry.get("optional") is False:
+                del entry["optional"]
     return config
 
 
