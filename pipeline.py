@@ -71,6 +71,8 @@ SECRET, CONFIG_MAP, GPU_TYPE = "mofe-ood-s3", "mofe-ood-storage", "nvidia.com/gp
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 CONFIG_KEYS = ("S3_ENDPOINT_URL", "S3_BUCKET", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI",
                "AWS_DEFAULT_REGION")
+# MLflow's basic auth (infra/k8s/mlflow-auth): from the Secret `kfp.mlflow_auth_secret` where set.
+MLFLOW_AUTH_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 # Steps of the pipeline that are not stages of mofe_ood.stages (their pods; a stage's is in the table).
 STEP_PODS = {
     "validate": Resources(0.5, "2Gi", retries=0),  # a bad param stays bad on a retry
@@ -157,6 +159,8 @@ def on_cluster(task: dsl.PipelineTask, settings: Kfp, env: dict[str, str], gpu_c
     if pod.storage:
         kubernetes.use_secret_as_env(task, SECRET, {k: k for k in SECRET_KEYS})
         kubernetes.use_config_map_as_env(task, CONFIG_MAP, {k: k for k in CONFIG_KEYS})
+        if settings.mlflow_auth_secret:
+            kubernetes.use_secret_as_env(task, settings.mlflow_auth_secret, {k: k for k in MLFLOW_AUTH_KEYS})
     backends.older_form(task.platform_config.get("kubernetes", {}))
     return task
 
@@ -171,7 +175,7 @@ def in_docker(task: dsl.PipelineTask, settings: Kfp, env: dict[str, str]) -> dsl
     for key, value in {**env, "HF_HUB_OFFLINE": "1"}.items():
         task.set_env_variable(key, value)
     if pod.storage:
-        for key in (*SECRET_KEYS, *CONFIG_KEYS):
+        for key in (*SECRET_KEYS, *CONFIG_KEYS, *MLFLOW_AUTH_KEYS):
             if os.environ.get(key):
                 task.set_env_variable(key, os.environ[key])
     return task

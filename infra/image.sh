@@ -104,7 +104,7 @@ pip_setting() {
 }
 
 build() {
-    local eng base_image tag commit index links cert args=() dir
+    local eng base_image tag commit index links cert args=() dir secrets
     eng="$(engine)"
     base_image="$(base "$eng")"
     tag="$(tag)"
@@ -117,8 +117,13 @@ build() {
     index="$(pip_setting extra-index-url PIP_EXTRA_INDEX_URL)"
     links="$(pip_setting find-links PIP_FIND_LINKS)"
     cert="$(pip_setting cert PIP_CERT)"
-    [[ -n "$index" ]] && args+=(--build-arg "PIP_EXTRA_INDEX_URL=$index")
-    [[ -n "$links" ]] && args+=(--build-arg "PIP_FIND_LINKS=$links")
+    # Index URLs and wheel folders are build secrets, never build args: a URL can carry a token,
+    # and a build arg stays in the image's history. Each value goes through a mode-600 file that
+    # is removed when the build ends.
+    secrets="$(mktemp -d)"
+    trap 'rm -rf "${secrets:-}"' RETURN EXIT
+    [[ -n "$index" ]] && printf '%s' "$index" >"$secrets/pipindex" && args+=(--secret "id=pipindex,src=$secrets/pipindex")
+    [[ -n "$links" ]] && printf '%s' "$links" >"$secrets/piplinks" && args+=(--secret "id=piplinks,src=$secrets/piplinks")
     [[ -n "$cert" && -f "$cert" ]] && args+=(--secret "id=pipca,src=$cert")
     if [[ "$eng" == podman ]]; then
         for dir in $index $links; do

@@ -121,7 +121,8 @@ class Kfp:
     data_pvc: str | None
     data_mount: str
     train_timeout: int
-    backend: str                    # the oldest KFP backend the IR must run on (pipeline.py: BACKENDS)
+    backend: str                    # the oldest KFP backend the IR must run on (kfpipe/backends.py)
+    mlflow_auth_secret: str | None  # Secret with MLFLOW_TRACKING_USERNAME / _PASSWORD (MLflow basic auth)
 
     def __post_init__(self):
         for key in ("image", "pipeline_root", "data_mount"):
@@ -132,6 +133,9 @@ class Kfp:
                 and version(self.backend) >= version(OLDEST_KFP_BACKEND)):
             raise ParamError(f"kfp.backend: {self.backend!r} must be a KFP backend version MAJOR.MINOR.PATCH, "
                              f"{OLDEST_KFP_BACKEND} (Kubeflow 1.9) or newer")
+        if self.mlflow_auth_secret is not None and not (isinstance(self.mlflow_auth_secret, str)
+                                                        and self.mlflow_auth_secret):
+            raise ParamError(f"kfp.mlflow_auth_secret: {self.mlflow_auth_secret!r} must be a Secret's name or null")
         if not isinstance(self.gpu_node_selector, dict):
             raise ParamError(f"kfp.gpu_node_selector: {self.gpu_node_selector!r} must be a mapping")
         if not isinstance(self.gpu_tolerations, list) or not all(isinstance(t, dict) for t in self.gpu_tolerations):
