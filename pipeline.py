@@ -46,6 +46,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import uuid
 import warnings
 from pathlib import Path
 
@@ -222,6 +223,8 @@ def build(params: dict, until: str | None = None, runner: str = "cluster", image
     defaults = arguments(params)
     settings = cluster_settings(params, image) if runner != "subprocess" else None
     env = pod_env(params, settings) if settings else {}
+    if runner == "docker":  # a local run has no pod label to read its id from (on_cluster)
+        env["KFP_RUN_ID"] = os.environ.get("KFP_RUN_ID", "")
     names = stages.names()
     steps = stages.STAGES[:names.index(until or names[-1]) + 1]
     counts = gpus(params)
@@ -297,10 +300,20 @@ def run_locally(params: dict, root: str | Path, until: str | None = None, runner
         local.init(runner=docker_runner(), pipeline_root=str(root))
     else:
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
-    with warnings.catch_warnings():
-        # The local runner warns that our image name lacks "python": it runs this interpreter.
-        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-        build(params, until, runner, image)(**arguments(params))
+    # The run's id for register's lineage: subprocess steps inherit this env, docker steps get it
+    # from build (a cluster's come from the pod label: on_cluster).
+    previous = os.environ.get("KFP_RUN_ID")
+    os.environ["KFP_RUN_ID"] = f"local-{uuid.uuid4().hex}"
+    try:
+        with warnings.catch_warnings():
+            # The local runner warns that our image name lacks "python": it runs this interpreter.
+            warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+            build(params, until, runner, image)(**arguments(params))
+    finally:
+        if previous is None:
+            os.environ.pop("KFP_RUN_ID")
+        else:
+            os.environ["KFP_RUN_ID"] = previous
     (run,) = set(root.glob("*")) - before  # <root>/<pipeline>-<time>/<task>/<output>
     return {str(out.relative_to(run)): out for log in sorted(run.rglob("executor_output.json"))
             for out in sorted(log.parent.iterdir()) if out != log}

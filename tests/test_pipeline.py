@@ -430,6 +430,11 @@ def test_local_run_registers_the_model(local_run):
     params, run, _ = local_run
     registration = json.loads((run / "register" / "registration").read_text())
     assert registration["version"] == 1 and registration["model_name"] == params["register"]["model_name"]
+    # Lineage as env, not inputs: the local run's id (a cluster's: the pod label pipeline/runid).
+    import mlflow
+
+    tags = mlflow.MlflowClient(f"sqlite:///{run.parents[1]}/mlflow.db").get_run(registration["run_id"]).data.tags
+    assert tags["kfp_run_id"].startswith("local-")
 
 
 # ------------------------------------------------------------------ the validate step
