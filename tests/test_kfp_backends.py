@@ -7,7 +7,7 @@ import yaml
 from google.protobuf import json_format
 
 import pipeline
-from kfpipe import backends
+from kfpipe import backends, pods
 from mofe_ood import stages
 from mofe_ood.params import load, merged
 from tests import kfp_protos
@@ -87,14 +87,14 @@ def test_the_ir_runs_on_backend_2_2_0_and_loses_nothing_there(compiled, old, nam
         assert json_format.MessageToDict(parsed) == config, executor
     # The container spec reaches the driver with unknown fields dropped (GetDeploymentConfig,
     # AllowUnknownFields): what is left must still hold the image, command, env, resources, GPUs.
-    counts = pipeline.gpus(params)
+    counts = pods.gpus(params)
     for executor, body in spec["deploymentSpec"]["executors"].items():
         container = body["container"]
         kept = json_format.MessageToDict(json_format.ParseDict(container, container_spec(),
                                                                ignore_unknown_fields=True))
         assert {k: kept.get(k) for k in ("image", "command", "args", "env")} == \
             {k: container.get(k) for k in ("image", "command", "args", "env")}, executor
-        pod = pipeline.pods()[executor.removeprefix("exec-")]
+        pod = pods.pods()[executor.removeprefix("exec-")]
         resources = kept["resources"]
         assert resources["cpuRequest"] == pod.cpu
         assert resources["memoryLimit"] == resources["memoryRequest"] > 0

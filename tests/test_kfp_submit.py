@@ -19,7 +19,7 @@ COMMIT = "0123456789ab"
 @pytest.fixture(autouse=True)
 def one_commit(monkeypatch, tmp_path):
     """Every submit here at one clean commit (the checkout under test may be dirty)."""
-    monkeypatch.setattr(pipeline, "image_tag", lambda: COMMIT)
+    monkeypatch.setattr("kfpipe.pods.image_tag", lambda: COMMIT)
     monkeypatch.setenv("MOFE_IMAGE", IMAGE)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
     monkeypatch.setenv("HOME", str(tmp_path))  # kfp.Client keeps credentials under ~
@@ -63,7 +63,7 @@ def test_each_ir_of_a_commit_is_a_version_of_its_own_and_runs_as_compiled(capsys
 
 
 def test_a_dirty_tree_never_reuses_a_version(monkeypatch, capsys):
-    monkeypatch.setattr(pipeline, "image_tag", lambda: COMMIT + "-dirty")
+    monkeypatch.setattr("kfpipe.pods.image_tag", lambda: COMMIT + "-dirty")
     with FakeKFP() as kfp:
         for _ in range(2):
             assert submit(kfp) == 0, capsys.readouterr().err

@@ -163,7 +163,7 @@ def test_ir_asks_for_gpus_where_params_say(ir_gpu):
 def test_two_commits_give_two_image_tags(tmp_path):
     """The image is tagged with the commit, so KFP's cache (image + arguments) cannot serve old code."""
     repo = tmp_path / "repo"
-    for path in ("pipeline.py", "params.yaml", "components", "infra/image.sh"):
+    for path in ("pipeline.py", "params.yaml", "components", "kfpipe", "infra/image.sh"):
         target = repo / path
         target.parent.mkdir(parents=True, exist_ok=True)
         copy = ["cp", "-r"] if (ROOT / path).is_dir() else ["cp"]
@@ -291,12 +291,11 @@ def test_a_key_changes_the_inputs_of_exactly_the_stages_that_read_it(tmp_path, m
     """One cache rule for KFP and DVC: an evaluate.* key changes the inputs of evaluate and
     register only (and of prepare, for the keys it reads: Stage.partial); a kfp.* key shapes
     the pods and changes no stage's inputs."""
-    import pipeline
 
     monkeypatch.setenv("MOFE_IMAGE", IMAGE)
     monkeypatch.delenv("MOFE_PIPELINE_ROOT", raising=False)
     monkeypatch.setattr("mofe_ood.validate.run", lambda *args, **kwargs: None)  # wiring, not values
-    monkeypatch.setattr(pipeline, "image_tag", lambda: "test")
+    monkeypatch.setattr("kfpipe.pods.image_tag", lambda: "test")
     params = load(ROOT / "params.yaml")
     base = stage_inputs(params, tmp_path / "base.yaml")
     partial = {read: stage.name for stage in stages.STAGES for read in stage.partial}
