@@ -41,30 +41,34 @@ def backend_version(host: str, token: str | None) -> tuple[int, ...] | None:
     return None
 
 
+def dotted(version: tuple[int, ...]) -> str:
+    return ".".join(map(str, version))
+
+
 def check_backend(package: Path, host: str, found: tuple[int, ...] | None) -> None:
     """Refuse (before any upload) an IR that needs a newer backend than the server's, naming
     each feature and both versions."""
     spec, platform = yaml.safe_load_all(Path(package).read_text())
     need = backends.needs(spec, platform)
     needed = need[0].since if need else OLDEST_KFP_BACKEND
-    what = "; ".join(f"{f.name} needs >= {f.since}" for f in need) or \
-        f"this project supports KFP backends >= {OLDEST_KFP_BACKEND}"
-    text = lambda v: ".".join(map(str, v))  # noqa: E731
+    leave_out = f"leave them out (extract.shards: 1, kfp.backend: {OLDEST_KFP_BACKEND})"
     if found is None:
         if need:
-            raise ParamError(f"the IR needs a Kubeflow Pipelines backend >= {needed} ({what}); the server at "
-                             f"{host} does not report its version: pass --no-version-check if you know it "
-                             "is recent enough, or leave those features out (extract.shards: 1, "
-                             f"kfp.backend: {OLDEST_KFP_BACKEND})")
+            raise ParamError(f"the IR needs a Kubeflow Pipelines backend >= {needed} ("
+                             + "; ".join(f"{f.name} needs >= {f.since}" for f in need)
+                             + f"); the server at {host} does not report its version: pass --no-version-check "
+                             f"if you know it is recent enough, or {leave_out}")
         print(f"pipeline.py submit: the server at {host} does not report its version; the IR runs on "
               f"backends >= {OLDEST_KFP_BACKEND}", file=sys.stderr)
         return
-    if found < backends.parse(needed):
-        short = [f for f in need if backends.parse(f.since) > found]
-        raise ParamError(f"the server at {host} runs KFP backend {text(found)}, but "
-                         + ("; ".join(f"{f.name} needs >= {f.since}" for f in short) if short else what)
-                         + f": leave those out (extract.shards: 1, kfp.backend: {text(found)} or lower, "
-                         f"not below {OLDEST_KFP_BACKEND}), or upgrade the server")
+    if found < backends.parse(OLDEST_KFP_BACKEND):
+        raise ParamError(f"the server at {host} runs KFP backend {dotted(found)}, but this project supports "
+                         f"KFP backends >= {OLDEST_KFP_BACKEND} (Kubeflow 1.9): upgrade the server")
+    short = [f for f in need if backends.parse(f.since) > found]
+    if short:
+        raise ParamError(f"the server at {host} runs KFP backend {dotted(found)}, but "
+                         + "; ".join(f"{f.name} needs >= {f.since}" for f in short)
+                         + f": {leave_out}, or upgrade the server")
 
 
 def version_name(package: Path, commit: str) -> str:

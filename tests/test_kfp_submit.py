@@ -105,6 +105,10 @@ def test_submit_runs_the_default_ir_on_the_oldest_backend(capsys):
     with FakeKFP(version="2.2.0") as kfp:
         assert submit(kfp) == 0, capsys.readouterr().err
         assert len(kfp.state.runs) == 1
+    with FakeKFP(version="") as kfp:  # a server that does not say: the default IR needs nothing newer
+        assert submit(kfp) == 0
+        assert "does not report its version; the IR runs on backends >= 2.2.0" in capsys.readouterr().err
+        assert len(kfp.state.runs) == 1
 
 
 def test_version_names_follow_the_ir(tmp_path):
