@@ -113,7 +113,8 @@ def older_form(config: dict) -> dict:
              "secretAsVolume": ("secretName", "secretNameParameter"),
              "configMapAsEnv": ("configMapName", "configMapNameParameter"),
              "configMapAsVolume": ("configMapName", "configMapNameParameter"),
-             "pvcMount": ("constant", "pvcNameParameter")}
+             "pvcMount": ("constant", "pvcNameParameter"),
+             "imagePullSecret": ("secretName", "secretNameParameter")}
     for field, (old, new) in pairs.items():
         for entry in config.get(field, []):
             if new in entry and entry.get(old) and entry[new] == {"runtimeValue": {"constant": entry[old]}}:

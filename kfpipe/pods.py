@@ -108,6 +108,10 @@ def on_cluster(task: dsl.PipelineTask, settings: Kfp, env: dict[str, str], gpu_c
         if backends.allows(settings.backend, "/dev/shm"):
             # NCCL and DataLoader workers share memory through /dev/shm, 64 MiB in a default pod.
             kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+    if settings.image_pull_secret:  # a private registry
+        kubernetes.set_image_pull_secrets(task, [settings.image_pull_secret])
+    if settings.image_pull_policy:
+        kubernetes.set_image_pull_policy(task, settings.image_pull_policy)
     if pod.data and settings.data_pvc:
         kubernetes.mount_pvc(task, pvc_name=settings.data_pvc, mount_path=settings.data_mount)
     if pod.storage:

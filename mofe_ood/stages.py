@@ -123,6 +123,8 @@ class Kfp:
     train_timeout: int
     backend: str                    # the oldest KFP backend the IR must run on (kfpipe/backends.py)
     mlflow_auth_secret: str | None  # Secret with MLFLOW_TRACKING_USERNAME / _PASSWORD (MLflow basic auth)
+    image_pull_secret: str | None   # a Secret every step pulls the image with
+    image_pull_policy: str | None   # Always | IfNotPresent | Never
 
     def __post_init__(self):
         for key in ("image", "pipeline_root", "data_mount"):
@@ -136,6 +138,12 @@ class Kfp:
         if self.mlflow_auth_secret is not None and not (isinstance(self.mlflow_auth_secret, str)
                                                         and self.mlflow_auth_secret):
             raise ParamError(f"kfp.mlflow_auth_secret: {self.mlflow_auth_secret!r} must be a Secret's name or null")
+        if self.image_pull_secret is not None and not (isinstance(self.image_pull_secret, str)
+                                                       and self.image_pull_secret):
+            raise ParamError(f"kfp.image_pull_secret: {self.image_pull_secret!r} must be a Secret's name or null")
+        if self.image_pull_policy not in (None, "Always", "IfNotPresent", "Never"):
+            raise ParamError(f"kfp.image_pull_policy: {self.image_pull_policy!r} must be one of Always, "
+                             "IfNotPresent, Never or null")
         if not isinstance(self.gpu_node_selector, dict):
             raise ParamError(f"kfp.gpu_node_selector: {self.gpu_node_selector!r} must be a mapping")
         if not isinstance(self.gpu_tolerations, list) or not all(isinstance(t, dict) for t in self.gpu_tolerations):

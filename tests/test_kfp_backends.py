@@ -21,6 +21,7 @@ IRS = {
     "gpu": {"train": {"gpus": 2}, "extract": {"gpus": 1}, "finetune": {"enabled": True},
             "kfp": {"gpu_node_selector": {"gpu": "h200"}}},
     "pvc": {"kfp": {"data_pvc": "imagenet"}},
+    "pull": {"kfp": {"image_pull_secret": "regcred", "image_pull_policy": "Always"}},
     "full": None,  # presets/full.yaml
     "shards": {"extract": {"shards": 4}},
 }
@@ -136,3 +137,14 @@ def test_kfp_backend_below_the_oldest_supported_is_refused():
     for bad in ("2.1.0", "2.2", 2.4, "latest"):
         with pytest.raises(ParamError, match=r"kfp.backend: .* 2\.2\.0 \(Kubeflow 1\.9\) or newer"):
             stages.kfp_config(merged(load(ROOT / "params.yaml"), {"kfp": {"backend": bad}}))
+
+
+def test_every_step_pulls_with_the_secret_and_policy_asked_for(compiled):
+    _, spec, platform = compiled["pull"]
+    configs = kubernetes_configs(platform)
+    assert set(configs) == set(spec["deploymentSpec"]["executors"])
+    for executor, config in configs.items():
+        assert config["imagePullSecret"] == [{"secretName": "regcred"}], executor
+        assert config["imagePullPolicy"] == "Always", executor
+    _, _, default = compiled["default"]
+    assert not [c for c in kubernetes_configs(default).values() if "imagePullSecret" in c or "imagePullPolicy" in c]
