@@ -55,8 +55,12 @@ tag() {
         die "$ROOT is not a git checkout: the image tag is the commit (set MOFE_IMAGE to name an image)"
     local sha
     sha="$(git -C "$ROOT" rev-parse --short=12 HEAD)"
-    # Dirty = tracked files differ from the commit: the image would not be that commit's code.
-    if [[ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no)" ]]; then sha="$sha-dirty"; fi
+    # Dirty = the image would not be that commit's code: tracked files differ from the commit, or
+    # files git does not track (and does not ignore) sit in the package the image copies.
+    if [[ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no)" ||
+          -n "$(git -C "$ROOT" status --porcelain --untracked-files=all -- mofe_ood)" ]]; then
+        sha="$sha-dirty"
+    fi
     echo "$sha"
 }
 

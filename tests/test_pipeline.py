@@ -186,6 +186,14 @@ def test_two_commits_give_two_image_tags(tmp_path):
         assert image == f"mofe-ood:{sha.strip()}"
         tags.append(image)
     assert tags[0] != tags[1]
+    # A file git does not track, in the package the image copies: not that commit's code.
+    tag = ["bash", str(repo / "infra" / "image.sh"), "tag"]
+    (repo / "mofe_ood").mkdir()
+    (repo / "mofe_ood" / "new.py").write_text("")
+    assert subprocess.run(tag, capture_output=True, text=True).stdout.strip().endswith("-dirty")
+    (repo / "mofe_ood" / "new.py").unlink()
+    (repo / "notes.txt").write_text("")  # outside the package: not in the image
+    assert not subprocess.run(tag, capture_output=True, text=True).stdout.strip().endswith("-dirty")
 
 
 def test_ir_caches_and_retries_where_it_is_safe(ir):
