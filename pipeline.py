@@ -177,8 +177,8 @@ def submit(params: dict, host: str, experiment: str, run_name: str | None = None
     settings = pods.cluster_settings(params, image)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_ir(params, Path(tmp) / "pipeline.yaml", image=settings.image)
-        return server.submit(package, arguments(params), pods.image_tag(), host, experiment, run_name, namespace,
-                             version_check)
+        return server.submit(package, arguments(params), pods.image_tag(), settings.image, host, experiment,
+                             run_name, namespace, version_check)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,6 +71,20 @@ def check_backend(package: Path, host: str, found: tuple[int, ...] | None) -> No
                          + f": {leave_out}, or upgrade the server")
 
 
+def check_image(image: str) -> None:
+    """Refuse an image a cluster cannot pull as built here: one with no registry (a cluster would
+    pull docker.io/library/<name>) or with a -dirty tag (it names no commit's code)."""
+    first, _, rest = image.partition("/")
+    # Docker's rule: the first part names a registry when it has a dot or a port, or is localhost.
+    if not rest or not ("." in first or ":" in first or first == "localhost"):
+        raise ParamError(f"image {image} names no registry, so a cluster would pull docker.io/library/"
+                         f"{image.split('@')[0].rsplit(':', 1)[0]}: push the image to a registry the cluster "
+                         "pulls from and set kfp.image (or $MOFE_IMAGE, --image) to REGISTRY/mofe-ood")
+    if image.rsplit(":", 1)[-1].endswith("-dirty"):
+        raise ParamError(f"image {image} was built from a dirty tree and names no commit's code: commit, "
+                         "rebuild and push the image, then submit")
+
+
 def version_name(package: Path, commit: str) -> str:
     """`mofe-ood-<commit>-<first 10 hex of the IR's sha256>`; a dirty tree's gets a unique suffix."""
     digest = hashlib.sha256(Path(package).read_bytes()).hexdigest()[:10]
@@ -95,13 +109,14 @@ def pipeline_id(client, namespace: str | None) -> str | None:
     return found[0].pipeline_id if found else None
 
 
-def submit(package: Path, arguments: dict, commit: str, host: str, experiment: str, run_name: str | None = None,
-           namespace: str | None = None, version_check: bool = True) -> str:
-    """Check the server's version, find or upload the pipeline and the IR's version, start a run;
-    returns its id. A bearer token comes from $KF_PIPELINES_TOKEN."""
+def submit(package: Path, arguments: dict, commit: str, image: str, host: str, experiment: str,
+           run_name: str | None = None, namespace: str | None = None, version_check: bool = True) -> str:
+    """Check the image and the server's version, find or upload the pipeline and the IR's version,
+    start a run; returns its id. A bearer token comes from $KF_PIPELINES_TOKEN."""
     from kfp import Client
 
     token = os.environ.get("KF_PIPELINES_TOKEN") or None
+    check_image(image)
     if version_check:
         check_backend(package, host, backend_version(host, token))
     client = Client(host=host, existing_token=token)

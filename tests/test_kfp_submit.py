@@ -117,3 +117,21 @@ def test_version_names_follow_the_ir(tmp_path):
     two.write_text("a: 2\n")
     assert server.version_name(one, COMMIT) == server.version_name(one, COMMIT) != server.version_name(two, COMMIT)
     assert server.version_name(one, COMMIT + "-dirty") != server.version_name(one, COMMIT + "-dirty")
+
+
+@pytest.mark.parametrize("image, expected", [
+    (None, "names no registry, so a cluster would pull docker.io/library/mofe-ood"),
+    ("mofe-ood:0123456789ab", "names no registry"),
+    ("registry.example.org/mofe-ood:0123456789ab-dirty", "built from a dirty tree"),
+])
+def test_submit_refuses_an_image_a_cluster_cannot_pull_as_built(monkeypatch, capsys, image, expected):
+    if image:
+        monkeypatch.setenv("MOFE_IMAGE", image)
+    else:  # kfp.image as params.yaml has it: no registry, the commit's tag added
+        monkeypatch.delenv("MOFE_IMAGE")
+    with FakeKFP() as kfp:
+        assert submit(kfp) == 2
+        assert expected in capsys.readouterr().err
+        assert kfp.state.posts == []
+    for fine in ("localhost:5000/mofe-ood:abc", "registry.example.org/team/mofe-ood@sha256:" + "0" * 64):
+        server.check_image(fine)
