@@ -172,13 +172,14 @@ def run_locally(params: dict, root: str | Path, until: str | None = None, runner
 
 
 def submit(params: dict, host: str, experiment: str, run_name: str | None = None,
-           namespace: str | None = None, image: str | None = None, version_check: bool = True) -> str:
+           namespace: str | None = None, image: str | None = None, version_check: bool = True,
+           image_check: bool = True) -> str:
     """Compile, then upload and run on the KFP endpoint (kfpipe/server.py); returns the run's id."""
     settings = pods.cluster_settings(params, image)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_ir(params, Path(tmp) / "pipeline.yaml", image=settings.image)
         return server.submit(package, arguments(params), pods.image_tag(), settings.image, host, experiment,
-                             run_name, namespace, version_check)
+                             run_name, namespace, version_check, image_check)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     sub["submit"].add_argument("--namespace", help="the profile namespace (multi-user Kubeflow)")
     sub["submit"].add_argument("--no-version-check", action="store_true",
                                help="skip the check of the server's KFP version against what the IR needs")
+    sub["submit"].add_argument("--no-image-check", action="store_true",
+                               help="skip the check that the image's tag is in its registry")
     args = parser.parse_args(argv)
 
     try:
@@ -225,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({name: str(path) for name, path in outputs.items()}, indent=2))
         else:
             print(submit(params, args.host, args.experiment, args.run_name, args.namespace, args.image,
-                         version_check=not args.no_version_check))
+                         version_check=not args.no_version_check, image_check=not args.no_image_check))
     except USER_ERRORS as err:  # bad input: params, image tag, server version
         print(f"pipeline.py {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -12,8 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -85,6 +88,71 @@ def check_image(image: str) -> None:
                          "rebuild and push the image, then submit")
 
 
+MANIFESTS = ", ".join(["application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
+                       "application/vnd.docker.distribution.manifest.list.v2+json",
+                       "application/vnd.docker.distribution.manifest.v2+json"])
+
+
+def registry_credentials(host: str) -> str | None:
+    """`user:password` base64 for `host` from the file `podman login` / `docker login` wrote, if any."""
+    candidates = [os.environ.get("REGISTRY_AUTH_FILE"),
+                  os.path.join(os.environ.get("XDG_RUNTIME_DIR") or "/nonexistent", "containers", "auth.json"),
+                  os.path.expanduser("~/.docker/config.json")]
+    for path in filter(None, candidates):
+        try:
+            auths = json.loads(Path(path).read_text()).get("auths", {})
+        except (OSError, ValueError):
+            continue
+        for name, entry in auths.items():
+            if name.removeprefix("https://").removeprefix("http://").split("/")[0] == host and entry.get("auth"):
+                return entry["auth"]
+    return None
+
+
+def image_in_registry(image: str) -> bool | None:
+    """Whether `image`'s registry has its tag or digest (Docker Registry HTTP API v2: HEAD of the
+    manifest, with the bearer token the registry's challenge hands out, anonymous or with the
+    login's credentials); None where the registry does not say (no access, no answer)."""
+    host, _, path = image.partition("/")
+    repository, reference = (path.split("@", 1) if "@" in path else path.rsplit(":", 1))
+    # Loopback registries (the distribution registry of a workstation) speak plain HTTP.
+    scheme = "http" if host.split(":")[0] in ("localhost", "127.0.0.1") else "https"
+    url = f"{scheme}://{host}/v2/{repository}/manifests/{reference}"
+    basic = registry_credentials(host)
+    headers = {"Accept": MANIFESTS, **({"Authorization": f"Basic {basic}"} if basic else {})}
+    for attempt in ("as is", "with a token"):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers, method="HEAD"), timeout=15):
+                return True
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
+                return False
+            challenge = err.headers.get("WWW-Authenticate", "")
+            token = bearer_token(challenge, basic) if err.code == 401 and attempt == "as is" else None
+            if not token:
+                return None
+            headers = {"Accept": MANIFESTS, "Authorization": f"Bearer {token}"}
+        except OSError:
+            return None
+    return None
+
+
+def bearer_token(challenge: str, basic: str | None) -> str | None:
+    """The token a registry's `WWW-Authenticate: Bearer realm=...,service=...,scope=...` hands out."""
+    if not challenge.lower().startswith("bearer "):
+        return None
+    fields = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
+    query = urllib.parse.urlencode({k: v for k, v in fields.items() if k in ("service", "scope")})
+    request = urllib.request.Request(f"{fields.get('realm', '')}?{query}",
+                                     headers={"Authorization": f"Basic {basic}"} if basic else {})
+    try:
+        with urllib.request.urlopen(request, timeout=15) as response:
+            body = json.load(response)
+    except (OSError, ValueError):
+        return None
+    return body.get("token") or body.get("access_token")
+
+
 def version_name(package: Path, commit: str) -> str:
     """`mofe-ood-<commit>-<first 10 hex of the IR's sha256>`; a dirty tree's gets a unique suffix."""
     digest = hashlib.sha256(Path(package).read_bytes()).hexdigest()[:10]
@@ -110,13 +178,20 @@ def pipeline_id(client, namespace: str | None) -> str | None:
 
 
 def submit(package: Path, arguments: dict, commit: str, image: str, host: str, experiment: str,
-           run_name: str | None = None, namespace: str | None = None, version_check: bool = True) -> str:
+           run_name: str | None = None, namespace: str | None = None, version_check: bool = True,
+           image_check: bool = True) -> str:
     """Check the image and the server's version, find or upload the pipeline and the IR's version,
     start a run; returns its id. A bearer token comes from $KF_PIPELINES_TOKEN."""
     from kfp import Client
 
     token = os.environ.get("KF_PIPELINES_TOKEN") or None
     check_image(image)
+    if image_check:
+        found = image_in_registry(image)
+        if not found:
+            raise ParamError(f"image {image} is not in its registry{'' if found is False else ' (or it did not say)'}: "
+                             f"push it first (make image-push REGISTRY={image.split('/')[0]}/...), or pass "
+                             "--no-image-check if the cluster can pull it")
     if version_check:
         check_backend(package, host, backend_version(host, token))
     client = Client(host=host, existing_token=token)

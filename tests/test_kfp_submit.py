@@ -9,18 +9,22 @@ import yaml
 import pipeline
 from kfpipe import server
 from tests.fake_kfp import FakeKFP
+from tests.fake_registry import FakeRegistry
 
 ROOT = pipeline.ROOT
-IMAGE = "registry.example.org/mofe-ood:test"
 FAKE_SECRET = "not-a-real-secret-5f3a9c"
 COMMIT = "0123456789ab"
 
 
 @pytest.fixture(autouse=True)
 def one_commit(monkeypatch, tmp_path):
-    """Every submit here at one clean commit (the checkout under test may be dirty)."""
+    """Every submit here at one clean commit (the checkout under test may be dirty), its image
+    pushed to a registry on loopback."""
     monkeypatch.setattr("kfpipe.pods.image_tag", lambda: COMMIT)
-    monkeypatch.setenv("MOFE_IMAGE", IMAGE)
+    with FakeRegistry({"mofe-ood:test"}) as registry:
+        monkeypatch.setenv("MOFE_IMAGE", f"{registry.host}/mofe-ood:test")
+        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "no-auth.json"))
+        yield registry
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
     monkeypatch.setenv("HOME", str(tmp_path))  # kfp.Client keeps credentials under ~
     monkeypatch.delenv("KF_PIPELINES_TOKEN", raising=False)
@@ -135,3 +139,20 @@ def test_submit_refuses_an_image_a_cluster_cannot_pull_as_built(monkeypatch, cap
         assert kfp.state.posts == []
     for fine in ("localhost:5000/mofe-ood:abc", "registry.example.org/team/mofe-ood@sha256:" + "0" * 64):
         server.check_image(fine)
+
+
+def test_submit_refuses_an_image_its_registry_does_not_have(monkeypatch, capsys, one_commit):
+    monkeypatch.setenv("MOFE_IMAGE", f"{one_commit.host}/mofe-ood:not-pushed")
+    with FakeKFP() as kfp:
+        assert submit(kfp) == 2
+        err = capsys.readouterr().err
+        assert f"image {one_commit.host}/mofe-ood:not-pushed is not in its registry" in err
+        assert "make image-push" in err and kfp.state.posts == []
+        assert submit(kfp, "--no-image-check") == 0  # the user's word that the cluster can pull it
+
+
+def test_the_image_check_follows_a_registry_token_challenge():
+    with FakeRegistry({"team/mofe-ood:abc"}, token=True) as registry:
+        assert server.image_in_registry(f"{registry.host}/team/mofe-ood:abc") is True
+        assert server.image_in_registry(f"{registry.host}/team/mofe-ood:other") is False
+    assert server.image_in_registry(f"{registry.host}/team/mofe-ood:abc") is None  # no answer: not known
