@@ -3,6 +3,8 @@
 #
 #   infra/image.sh build          build IMAGE:TAG (TAG = git short SHA, -dirty for a dirty tree); prints tag and size
 #   infra/image.sh tag            print the tag `build` gives (what pipeline.py puts in the IR)
+#   infra/image.sh push REGISTRY  push IMAGE:TAG as REGISTRY/<name>:TAG (host[:port]/path; make image-push);
+#                                 refuses a dirty tree's tag; prints the pushed name for kfp.image
 #   infra/image.sh engine         print the engine used (docker | podman), or say what to install
 #   infra/image.sh base           print the base image `build` uses, making the local Debian one if needed
 #   infra/image.sh api start|stop|status|env
@@ -146,6 +148,25 @@ build() {
     awk -v name="$IMAGE:$tag" -v size="$size" 'BEGIN { printf "%s\t%.2f GB\n", name, size / 1e9 }'
 }
 
+push() {
+    local registry="${1:-}" eng tag target tls=()
+    [[ -n "$registry" ]] || die "push: name the registry: infra/image.sh push host[:port]/path (make image-push REGISTRY=...)"
+    tag="$(tag)"
+    # A -dirty tag names no commit's code: a cluster must never run it (pipeline.py submit refuses it too).
+    [[ "$tag" != *-dirty ]] || die "push: the tree is dirty ($tag): commit, then make image and push"
+    eng="$(engine)"
+    has_image "$eng" "$IMAGE:$tag" || die "push: $IMAGE:$tag is not built here: make image first"
+    target="${registry%/}/${IMAGE##*/}:$tag"
+    # A registry on loopback (a workstation's distribution registry) speaks plain HTTP.
+    if [[ "$eng" == podman && ( "$registry" == localhost[:/]* || "$registry" == 127.0.0.1[:/]* ) ]]; then
+        tls=(--tls-verify=false)
+    fi
+    "$eng" tag "$IMAGE:$tag" "$target"
+    "$eng" push "${tls[@]}" "$target" >&2
+    say "pushed $target: set kfp.image: ${target%:*} (submit adds the tag)"
+    echo "$target"
+}
+
 api_alive() {
     [[ -f "$API_PID" ]] && kill -0 "$(cat "$API_PID")" 2>/dev/null &&
         tr '\0' ' ' <"/proc/$(cat "$API_PID")/cmdline" 2>/dev/null | grep -q "system service"
@@ -194,6 +215,7 @@ shift || true
 case "$cmd" in
     build) build ;;
     tag) tag ;;
+    push) push "$@" ;;
     engine) engine ;;
     base) base "$(engine)" ;;
     api) api "$@" ;;

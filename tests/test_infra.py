@@ -308,3 +308,22 @@ def test_index_urls_reach_the_build_as_secrets_never_as_args():
     script = (ROOT / "infra" / "image.sh").read_text()
     assert not re.search(r"--build-arg \"?PIP_", script)
     assert "id=pipindex,src=" in script and "id=piplinks,src=" in script
+
+
+def test_image_push_names_a_registry_and_refuses_a_dirty_tree(tmp_path):
+    """make image-push: a -dirty tag names no commit's code, so it never reaches a registry."""
+    repo = tmp_path / "repo"
+    (repo / "infra").mkdir(parents=True)
+    subprocess.run(["cp", str(ROOT / "infra" / "image.sh"), str(repo / "infra")], check=True)
+    git = ["git", "-C", str(repo), "-c", "user.email=t@localhost", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "one"], check=True)
+    push = ["bash", str(repo / "infra" / "image.sh"), "push"]
+    done = subprocess.run(push, capture_output=True, text=True)
+    assert done.returncode == 1 and "name the registry" in done.stderr
+    (repo / "infra" / "image.sh").write_text((repo / "infra" / "image.sh").read_text() + "\n")
+    done = subprocess.run([*push, "localhost:5000/team"], capture_output=True, text=True)
+    assert done.returncode == 1 and "the tree is dirty" in done.stderr and "-dirty" in done.stderr
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^image-push:\n\tinfra/image\.sh push \$\(REGISTRY\)$", makefile, re.M)
