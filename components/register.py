@@ -17,16 +17,14 @@ def register(base: str, prepare: str, extract: str, train: str, finetune: str, e
     the commit baked into it (MOFE_GIT_COMMIT). As env, not inputs: they do not change what runs.
     """
     import os
+    import tempfile
 
     from mofe_ood import register as stage
 
     params = sections(base=base, prepare=prepare, extract=extract, train=train, finetune=finetune,
                       evaluate=evaluate, register=register, serve=serve)
     lineage = {"kfp_run_id": os.environ.get("KFP_RUN_ID", ""), "image": os.environ.get("MOFE_IMAGE", ""),
-               "features_uri": features.uri,
-               "models_uri": models.uri, "reports_uri": reports.uri}
-    import tempfile
-
+               "features_uri": features.uri, "models_uri": models.uri, "reports_uri": reports.uri}
     with tempfile.TemporaryDirectory() as tmp:  # the candidate file is for DVC; reports is an input here
         result = stage.run(params, models.path, reports.path, features.path, out=registration.path,
                            lineage=lineage, candidate_out=f"{tmp}/candidate.json")
