@@ -4,6 +4,7 @@ podman's), with a workaround for a DockerRunner bug (docker_runner)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 import warnings
@@ -11,15 +12,20 @@ from pathlib import Path
 from typing import Callable
 
 
-def run(pipeline: Callable, arguments: dict, root: str | Path, runner: str) -> dict[str, Path]:
+def run(pipeline: Callable, arguments: dict, root: str | Path, runner: str,
+        volumes: dict[str, str] | None = None) -> dict[str, Path]:
     """Run `pipeline` (a @dsl.pipeline function) with `arguments` under the local pipeline root
-    `root`; returns the artifacts written, by task/name."""
+    `root`; returns the artifacts written, by task/name. `volumes` (docker runner): name -> the
+    path every step's container mounts it at; each is a folder `<root>/volumes/<name>` that
+    outlives the run, as a cluster's PVC outlives a pod (kfpipe.pods.local_volumes)."""
     from kfp import local
 
     root = Path(root).resolve()
+    if runner == "docker":
+        shared = writable_folders(root, volumes or {})
     before = set(root.glob("*")) if root.is_dir() else set()
     if runner == "docker":
-        local.init(runner=docker_runner(), pipeline_root=str(root))
+        local.init(runner=docker_runner(shared), pipeline_root=str(root))
     else:
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
     # The run's id for register's lineage: subprocess steps inherit this env, docker steps get it
@@ -71,26 +77,49 @@ def local_image(image: str) -> str:
     return next((t for t in found.tags if t == image or t.endswith("/" + image)), image)
 
 
-def docker_runner():
-    """kfp's DockerRunner on the host network (S3 and MLflow on loopback), as this user.
+# The mode of the folders a step's container writes into: any uid may create entries, and only
+# their owner may delete them (as /tmp). The steps run as the image's user (10001), not as the
+# host's, so folders the host makes must let that user write.
+SHARED = 0o1777
 
-    As this user: the runner creates each output folder on the host before the container
-    starts; the image's own user could not write there. kfp 2.17.3 also starts containers
-    with auto-remove and reads a vanished container's exit status as 0, so a step that
-    failed fast passed: its container is kept until the status is read (below).
+
+def writable_folders(root: Path, volumes: dict[str, str]) -> dict[str, dict]:
+    """The pipeline root and each volume's folder, made on the host and writable by the image's
+    user; -> the docker volume specs of the volumes (the runner mounts the root itself)."""
+    specs = {}
+    for folder in (root, *(root / "volumes" / name for name in volumes)):
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(SHARED)
+    for name, mount in volumes.items():
+        specs[str(root / "volumes" / name)] = {"bind": mount, "mode": "rw"}
+    return specs
+
+
+def docker_runner(volumes: dict[str, dict] | None = None):
+    """kfp's DockerRunner on the host network (S3 and MLflow on loopback), every step as the
+    image's own user, with `volumes` (docker volume specs) mounted beside the pipeline root.
+
+    As the image's user (no `user` override), the uid a cluster runs it as (10001, the pods'
+    runAsNonRoot): a step that writes where that user cannot (/app, a relative path) fails here
+    as it would in a pod, instead of passing as the host's user. The runner's own folders are
+    made writable for it (writable_folders); what the steps write stays readable by all.
+    kfp 2.17.3 also starts containers with auto-remove and reads a vanished container's exit
+    status as 0, so a step that failed fast passed: its container is kept until the status is
+    read (run_container).
     """
     from kfp import local
     from kfp.local import docker_task_handler
 
     docker_client().close()
-    docker_task_handler.run_docker_container = run_container
-    return local.DockerRunner(network_mode="host", user=f"{os.getuid()}:{os.getgid()}")
+    docker_task_handler.run_docker_container = functools.partial(run_container, extra_volumes=volumes or {})
+    return local.DockerRunner(network_mode="host")
 
 
-def run_container(client, image: str, command: list[str], volumes: dict, **run_args) -> int:
+def run_container(client, image: str, command: list[str], volumes: dict, extra_volumes: dict | None = None,
+                  **run_args) -> int:
     """Run one step's container to its end, stream its log, return its exit status, remove it."""
-    container = client.containers.run(image=image, command=command, detach=True, stdout=True,
-                                      stderr=True, volumes=volumes, **run_args)
+    container = client.containers.run(image=image, command=command, detach=True, stdout=True, stderr=True,
+                                      volumes={**volumes, **(extra_volumes or {})}, **run_args)
     try:
         for line in container.logs(stream=True, follow=True):
             print(line.decode(errors="replace"), end="")

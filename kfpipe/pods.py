@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from kfp import dsl, kubernetes
 
@@ -63,6 +63,40 @@ def cluster_settings(params: dict, image: str | None = None) -> Kfp:
     settings = dataclasses.replace(settings, **{key: os.environ[var] for key, var in env.items()
                                                 if os.environ.get(var)})
     return dataclasses.replace(settings, image=with_tag(image or settings.image))
+
+
+# Params naming a folder a step keeps across its pod's retries (checkpoints, resumed after an
+# interruption). In a container they must sit on the data PVC: a relative path lands under /app
+# (the image's, root-owned: its user 10001 cannot write there) and anything else in the pod dies
+# with it, so a retried pod would start afresh.
+CHECKPOINT_KEYS = ("train.checkpoint_dir", "finetune.checkpoint_dir")
+
+
+def check_checkpoints(params: dict, settings: Kfp) -> None:
+    """A ParamError naming the key where a checkpoint folder of a container run is not on the
+    data PVC (an absolute path under kfp.data_mount, kfp.data_pvc set); null (no checkpoints) is fine."""
+    mount = PurePosixPath(settings.data_mount)
+    for key in CHECKPOINT_KEYS:
+        section, name = key.split(".")
+        path = params[section][name]
+        if path is None:
+            continue
+        allowed = (f"a folder under kfp.data_mount ({mount}, e.g. {mount / 'checkpoints' / section}) "
+                   "with kfp.data_pvc naming the PVC mounted there, or null")
+        if not settings.data_pvc:
+            raise ParamError(f"{key}: {path!r} needs kfp.data_pvc (null): only a PVC keeps checkpoints "
+                             f"when a pod is retried; allowed: {allowed}")
+        if not (PurePosixPath(path).is_absolute() and mount in PurePosixPath(path).parents):
+            raise ParamError(f"{key}: {path!r} is not on the data PVC: in a container a relative path lands "
+                             f"under /app (not writable by the image's user) and is lost with a retried pod; "
+                             f"allowed: {allowed}")
+
+
+def local_volumes(settings: Kfp) -> dict[str, str]:
+    """The volumes of a local docker run, name -> mount path: the data PVC's stand-in (a folder
+    kfpipe.local keeps under the pipeline root), so checkpoints there outlive a failed run as
+    they outlive a retried pod on the PVC."""
+    return {settings.data_pvc: settings.data_mount} if settings.data_pvc else {}
 
 
 def gpus(params: dict) -> dict[str, int]:

@@ -154,6 +154,34 @@ def test_a_step_that_fails_in_its_container_fails_the_run_at_that_step(raw_s3, d
     assert not list((tmp_path / "root").glob("mofe-ood-*/extract"))  # nothing ran after it
 
 
+def image_user(image: str) -> int:
+    """The uid the image's USER names (the Dockerfile's 10001)."""
+    done = sh(engine(), "image", "inspect", image, "--format", "{{.Config.User}}")
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.strip().split(":")[0])
+
+
+@pytest.mark.slow
+def test_train_with_finetune_checkpoints_runs_in_the_image_as_its_own_user(
+        raw_s3, docker_host, image, tmp_path, tiny_params, finetune_params):
+    """Every step as the image's user (10001, as in a pod), never the host's: the runner's folders
+    are writable for it, and the fine-tune checkpoints go to the data PVC's stand-in (an absolute
+    path under kfp.data_mount), which outlives the run as a PVC outlives a retried pod."""
+    tiny_finetune = finetune_params("/data/checkpoints/finetune", enabled=True)
+    params = merged(tiny_params, {"extract": tiny_finetune["extract"], "finetune": tiny_finetune["finetune"],
+                                  "kfp": {"data_pvc": "ckpt", "data_mount": "/data"}})
+    done = docker_run(tmp_path, raw_s3, docker_host, image, "--until", "train", params=params)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    uid = image_user(image)
+    assert uid == 10001
+    (run,) = (tmp_path / "root").glob("mofe-ood-*")
+    assert {p.stat().st_uid for p in run.rglob("*")} == {uid}  # every step's outputs: the image's user's
+    assert (run / "train" / "models" / tiny_finetune["finetune"]["variant"] / "model.safetensors").is_file()
+    # The checkpoints went to the volume (removed once training finished, their folder stays).
+    checkpoints = tmp_path / "root" / "volumes" / "ckpt" / "checkpoints" / "finetune"
+    assert checkpoints.is_dir() and checkpoints.stat().st_uid == uid
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(raw_s3, free_ports):
     """An MLflow server beside the test S3 server (infra/services.sh, free port)."""

@@ -239,6 +239,37 @@ def test_ir_mounts_the_data_pvc_where_images_are_read(tmp_path_factory):
     assert mounted == {"exec-prepare", "exec-extract", "exec-train"}
 
 
+def test_checkpoints_of_container_steps_must_be_on_the_data_pvc(tmp_path):
+    """A pod runs as the image's user (10001): /app (where a relative path lands) is not its, and
+    only a PVC outlives a retried pod. Compile refuses anything else, naming the key, the value
+    and what is allowed; the same folder on the PVC compiles."""
+    def compile_with(*sets):
+        return subprocess.run([sys.executable, "pipeline.py", "compile", "--out", tmp_path / "ir.yaml",
+                               *[a for s in sets for a in ("--set", s)]], cwd=ROOT, capture_output=True,
+                              text=True, env={**os.environ, "MOFE_IMAGE": IMAGE}, timeout=300)
+
+    relative = compile_with("finetune.checkpoint_dir=checkpoints/finetune", "kfp.data_pvc=ckpt")
+    assert relative.returncode == 2
+    assert ("finetune.checkpoint_dir: 'checkpoints/finetune' is not on the data PVC: in a container a "
+            "relative path lands under /app") in relative.stderr
+    assert "a folder under kfp.data_mount (/data, e.g. /data/checkpoints/finetune)" in relative.stderr
+    no_pvc = compile_with("train.checkpoint_dir=/data/checkpoints/train")
+    assert no_pvc.returncode == 2
+    assert "train.checkpoint_dir: '/data/checkpoints/train' needs kfp.data_pvc (null)" in no_pvc.stderr
+    outside = compile_with("train.checkpoint_dir=/tmp/ckpt", "kfp.data_pvc=ckpt")
+    assert outside.returncode == 2 and "train.checkpoint_dir: '/tmp/ckpt' is not on the data PVC" in outside.stderr
+    on_pvc = compile_with("finetune.checkpoint_dir=/mnt/in/ckpt/finetune", "kfp.data_pvc=ckpt",
+                          "kfp.data_mount=/mnt/in")
+    assert on_pvc.returncode == 0, on_pvc.stderr
+    _, k8s = executors(*yaml.safe_load_all((tmp_path / "ir.yaml").read_text()))
+    assert {"constant": "ckpt", "mountPath": "/mnt/in"} in k8s["exec-train"]["pvcMount"]
+    # DVC and the subprocess runner write where the project is: a relative folder is fine there.
+    import pipeline
+
+    params = merged(load(ROOT / "params.yaml"), {"finetune": {"checkpoint_dir": "checkpoints/finetune"}})
+    pipeline.build(params, runner="subprocess")
+
+
 def test_register_gets_the_kfp_run_id_and_image_as_env(ir):
     """Lineage, not inputs: the pod's `pipeline/runid` label (every backend from 2.2.0 sets it)."""
     _, spec, platform, _ = ir
