@@ -12,13 +12,13 @@ backend only where the params ask for it (extract.shards > 1; `kfp.backend` at o
 feature's version: retries 2.4.1, a memory-backed /dev/shm on GPU steps 2.3.0), and `submit`
 refuses an IR the server is too old for (kfpipe/backends.py has the features and their sources).
 
-The steps after `validate` are the stage table's (mofe_ood/stages.py: names, order,
-sections, pods); each step takes its inputs by name from the params sections and the
-outputs of the steps before it, so a new stage needs no change here. How each step runs
-(its pod, or its local container) is kfpipe/pods.py; local runs kfpipe/local.py; the
-server side of submit (version check, versions, namespaces) kfpipe/server.py.
-`validate` checks every section at once (mofe validate) and fails the run in seconds;
-compile, run and submit run the same check here first.
+The pipeline function (build) wires its tasks explicitly, one line per stage as
+kubeflow/pipelines' samples do: each task takes its stage's params sections (the stage table,
+mofe_ood/stages.py, says which; tests/test_pipeline.py checks the IR against it) and the
+artifacts of the tasks before it. How each step runs (its pod, or its local container) is
+kfpipe/pods.py; local runs kfpipe/local.py; the server side of submit (version check,
+versions, namespaces) kfpipe/server.py. `validate` checks every section at once (mofe
+validate) and fails the run in seconds; compile, run and submit run the same check here first.
 
 Each params.yaml section a stage reads (base, prepare, ...) is one pipeline parameter,
 the section as JSON text, its default the file's value, and each step takes exactly what
@@ -39,8 +39,6 @@ reads raw data from S3, as a cluster does (mofe push-raw; see README).
 """
 
 import argparse
-import importlib
-import inspect
 import json
 import os
 import re
@@ -50,8 +48,13 @@ from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
 
+from components.evaluate import evaluate as evaluate_op
+from components.extract import extract as extract_op
 from components.extract import extract_shard, merge_features, shard_indices
-from components.validate import validate as validate_params
+from components.prepare import prepare as prepare_op
+from components.register import register as register_op
+from components.train import train as train_op
+from components.validate import validate as validate_op
 from kfpipe import local, pods, server
 from mofe_ood import stages
 from mofe_ood.cli import USER_ERRORS, parse_set
@@ -63,86 +66,88 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")  # kfp.local colours its messages
 RUNNERS = ("subprocess", "docker")
 
 
-def component(stage: stages.Stage):
-    """The KFP component of `stage` (components/<name>.py)."""
-    module, _, name = stage.component.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def call(component, available: dict, what: str) -> dsl.PipelineTask:
-    """`component` called with each of its inputs taken by name from `available` (sections,
-    earlier steps' artifacts): the pipeline wires outputs to inputs by name."""
-    args = {}
-    for name, spec in (component.component_spec.inputs or {}).items():
-        if name in available:
-            args[name] = available[name]
-        elif spec.default is None and not spec.optional:
-            raise TypeError(f"{what}: no section or earlier step's output is named {name!r} "
-                             f"(available: {', '.join(sorted(available))})")
-    return component(**args)
-
-
-def pipeline_signature(defaults: dict) -> inspect.Signature:
-    """The pipeline's parameters: one JSON text per params section (and per `section__key`)."""
-    return inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=value,
-                                                annotation=str) for name, value in defaults.items()])
-
-
 def build(params: dict, until: str | None = None, runner: str = "cluster", image: str | None = None):
     """The pipeline function, its parameters defaulting to `params`; stages after `until` (default:
     none) left out.
 
-    The steps are the stage table's (mofe_ood.stages), in its order, after `validate`; each
-    takes its inputs by name from the sections, the GPU counts and the outputs of the steps
-    before it. `runner`: cluster (kfpipe.pods.on_cluster), subprocess (bare tasks: a local
-    failure is no lost node to retry, and the pods' thread counts would oversubscribe this
-    machine) or docker (kfpipe.pods.in_docker).
+    `runner`: cluster (kfpipe.pods.on_cluster), subprocess (bare tasks: a local failure is no
+    lost node to retry, and the pods' thread counts would oversubscribe this machine) or docker
+    (kfpipe.pods.in_docker).
     """
     from mofe_ood import validate
 
     validate.run(params)  # a bad param fails here, before anything is compiled or run
+    if until is not None:
+        stages.get(until)  # a ParamError naming the stages
     defaults = arguments(params)
     settings = pods.cluster_settings(params, image) if runner != "subprocess" else None
+    if settings:  # a container step (a pod, or the image here) writes checkpoints to the data PVC only
+        pods.check_checkpoints(params, settings)
     env = pods.pod_env(params, settings) if settings else {}
-    names = stages.names()
-    steps = stages.STAGES[:names.index(until or names[-1]) + 1]
     counts = pods.gpus(params)
+    reference = json.dumps(params, sort_keys=True)  # what validate compares a run's arguments with
+    sharded = params["extract"]["shards"] > 1
 
     def pod(task: dsl.PipelineTask, stage: str = "") -> dsl.PipelineTask:
+        """`task` as `runner` runs it; `stage`: whose `<stage>.gpus` it gets."""
         if runner == "cluster":
             return pods.on_cluster(task, settings, env, counts.get(stage, 0))
         if runner == "docker":  # no pod label to read the run's id from: kfpipe.local.run's
             return pods.in_docker(task, settings, {**env, "KFP_RUN_ID": os.environ.get("KFP_RUN_ID", "")})
         return task
 
-    def mofe_ood(*values):
-        available = {**dict(zip(defaults, values)), "reference": json.dumps(params, sort_keys=True)}
-        checked = pod(call(validate_params, available, "validate"))
-        produced: set[str] = set()  # artifacts of the steps so far
-        for stage in steps:
-            if stage.name == "extract" and params["extract"]["shards"] > 1:
-                task = sharded_extract(available, pod)
-            else:
-                task = pod(call(component(stage), available, stage.name), stage.name)
-            if not produced & set(component(stage).component_spec.inputs or {}):
-                task.after(checked)  # a first step: it waits until the params are known to be good
-            if stage.name == "train" and runner == "cluster":  # a hung run must not hold its GPUs forever
-                kubernetes.set_timeout(task, settings.train_timeout)
-            outputs = task.component_spec.outputs or {}
-            available.update({name: task.outputs[name] for name in outputs})
-            produced |= set(outputs)
+    # One parameter per params section a stage reads (JSON text), and per key read alone
+    # (`section__key`); each task takes the sections of its stage (the stage table's), and the
+    # artifacts of the tasks before it. tests/test_pipeline.py checks both against the table.
+    @dsl.pipeline(name=NAME, pipeline_root=settings.pipeline_root if settings else None,
+                  description="OOD detection with frozen-backbone features and a Mixture of "
+                              "Feature Experts (MoFE, arXiv 2510.10584)")
+    def mofe_ood(base: str = defaults["base"], prepare: str = defaults["prepare"],
+                 extract: str = defaults["extract"], train: str = defaults["train"],
+                 finetune: str = defaults["finetune"], evaluate: str = defaults["evaluate"],
+                 register: str = defaults["register"], serve: str = defaults["serve"],
+                 evaluate__extra_ood: str = defaults["evaluate__extra_ood"]):
+        checked = pod(validate_op(base=base, prepare=prepare, extract=extract, train=train, finetune=finetune,
+                                  evaluate=evaluate, register=register, serve=serve,
+                                  evaluate__extra_ood=evaluate__extra_ood, reference=reference))
 
-    mofe_ood.__signature__ = pipeline_signature(defaults)
-    return dsl.pipeline(mofe_ood, name=NAME, pipeline_root=settings.pipeline_root if settings else None,
-                        description="OOD detection with frozen-backbone features and a Mixture of "
-                                    "Feature Experts (MoFE, arXiv 2510.10584)")
+        prepared = pod(prepare_op(base=base, prepare=prepare, evaluate__extra_ood=evaluate__extra_ood), "prepare")
+        prepared.after(checked)  # the first stage waits until the params are known to be good
+        if until == "prepare":
+            return
+
+        if sharded:
+            features = sharded_extract(base, extract, prepared.outputs["prepared"], pod)
+        else:
+            features = pod(extract_op(base=base, extract=extract, prepared=prepared.outputs["prepared"]), "extract")
+        if until == "extract":
+            return
+
+        models = pod(train_op(base=base, extract=extract, train=train, finetune=finetune,
+                              prepared=prepared.outputs["prepared"], features=features.outputs["features"]), "train")
+        if runner == "cluster":  # a hung run must not hold its GPUs forever
+            kubernetes.set_timeout(models, settings.train_timeout)
+        if until == "train":
+            return
+
+        reports = pod(evaluate_op(base=base, train=train, finetune=finetune, evaluate=evaluate, register=register,
+                                  features=features.outputs["features"], models=models.outputs["models"]),
+                      "evaluate")
+        if until == "evaluate":
+            return
+
+        pod(register_op(base=base, prepare=prepare, extract=extract, train=train, finetune=finetune,
+                        evaluate=evaluate, register=register, serve=serve, features=features.outputs["features"],
+                        models=models.outputs["models"], reports=reports.outputs["reports"]), "register")
+
+    return mofe_ood
 
 
-def sharded_extract(available: dict, pod) -> dsl.PipelineTask:
+def sharded_extract(base, extract, prepared, pod) -> dsl.PipelineTask:
     """extract.shards > 1: fan out over the shards, fan in (dsl.Collected: KFP backend >= 2.14.0)."""
-    shards = pod(call(shard_indices, available, "shard-indices"))
+    shards = pod(shard_indices(extract=extract))
     with dsl.ParallelFor(shards.output) as shard:
-        part = pod(call(extract_shard, {**available, "shard": shard}, "extract-shard"), "extract")
+        part = pod(extract_shard(base=base, extract=extract, prepared=prepared, shard=shard), "extract")
     return pod(merge_features(shards=dsl.Collected(part.outputs["features"])))
 
 
@@ -166,9 +171,11 @@ def compile_ir(params: dict, out: str | Path, until: str | None = None, image: s
 def run_locally(params: dict, root: str | Path, until: str | None = None, runner: str = "subprocess",
                 image: str | None = None) -> dict[str, Path]:
     """Every step as a local subprocess, or in its container; returns the artifacts written, by task/name."""
+    volumes = {}
     if runner == "docker":
-        image = local.local_image(pods.with_tag(image or pods.cluster_settings(params).image))
-    return local.run(build(params, until, runner, image), arguments(params), root, runner)
+        settings = pods.cluster_settings(params, image)
+        image, volumes = local.local_image(settings.image), pods.local_volumes(settings)
+    return local.run(build(params, until, runner, image), arguments(params), root, runner, volumes)
 
 
 def submit(params: dict, host: str, experiment: str, run_name: str | None = None,
