@@ -46,6 +46,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from google.protobuf import json_format
 from kfp import compiler, dsl, kubernetes
 
 from components.evaluate import evaluate as evaluate_op
@@ -140,7 +141,44 @@ def build(params: dict, until: str | None = None, runner: str = "cluster", image
                         evaluate=evaluate, register=register, serve=serve, features=features.outputs["features"],
                         models=models.outputs["models"], reports=reports.outputs["reports"]), "register")
 
+    problems = wiring_problems(json_format.MessageToDict(mofe_ood.pipeline_spec), until, sharded)
+    if problems:  # a stage added to the table, not to the function above (CONTRIBUTING.md's recipe)
+        raise TypeError("pipeline.py: the pipeline function disagrees with the stage table "
+                        "(mofe_ood/stages.py): " + "; ".join(problems))
     return mofe_ood
+
+
+# Tasks of the pipeline that are no stage: the params check, and extract's fan-out and fan-in.
+HELPER_TASKS = re.compile(r"validate|shard-indices|merge-features|for-loop-\d+")
+
+
+def stage_inputs(stage: stages.Stage) -> set[str]:
+    """The parameter inputs of `stage`'s task: its sections, `section__key` for a key read alone."""
+    partial = {read.split(".")[0] for read in stage.partial}
+    return {*(set(stage.sections) - partial), *(read.replace(".", "__") for read in stage.partial)}
+
+
+def wiring_problems(spec: dict, until: str | None = None, sharded: bool = False) -> list[str]:
+    """Where the compiled pipeline (`spec`: its PipelineSpec as a dict) and the stage table
+    disagree: a stage up to `until` with no task, a task of no stage, a task whose parameters
+    are not its stage's sections, each from the pipeline parameter of the same name."""
+    names = stages.names()
+    expected = names[:names.index(until) + 1] if until else names
+    tasks = spec["root"]["dag"]["tasks"]
+    problems = [f"task {name!r} is no stage of the table (or comes after --until {until})"
+                for name in tasks if name not in expected and not HELPER_TASKS.fullmatch(name)]
+    for stage in stages.STAGES:
+        if stage.name not in expected or (stage.name == "extract" and sharded):  # sharded: its own tasks
+            continue
+        if stage.name not in tasks:
+            problems.append(f"stage {stage.name!r} has no task in the pipeline function")
+            continue
+        given = {key: value.get("componentInputParameter")
+                 for key, value in tasks[stage.name].get("inputs", {}).get("parameters", {}).items()}
+        if given != {name: name for name in stage_inputs(stage)}:
+            problems.append(f"task {stage.name!r} takes {given}, but its stage reads "
+                            f"{sorted(stage_inputs(stage))} (each from the pipeline parameter of its name)")
+    return problems
 
 
 def sharded_extract(base, extract, prepared, pod) -> dsl.PipelineTask:

@@ -1,6 +1,7 @@
 """`mofe`: the stage table makes the commands; bad input is one line (exit 2), a bug keeps its
 traceback, and `-v` shows every traceback. A new stage (CONTRIBUTING.md's recipe) is a stage
-module, a component and a row of the stage table: the CLI runs it and the pipeline wires it."""
+module, a component, a row of the stage table and a line of the pipeline function: the CLI runs
+it, and the pipeline refuses to compile until its line is there."""
 
 from __future__ import annotations
 
@@ -144,17 +145,44 @@ def test_a_new_stage_is_a_command_of_the_cli(toy_stage, tmp_path, monkeypatch, c
     assert json.loads((project / "reports" / "toy" / "summary.json").read_text())["variants"] == 2
 
 
+# CONTRIBUTING.md's line of the toy stage in the pipeline function, after register's.
+TOY_IMPORT = "from components.toy import toy as toy_op\n"
+TOY_TASK = '''        if until == "register":
+            return
+
+        pod(toy_op(base=base, evaluate=evaluate, reports=reports.outputs["reports"]), "toy")
+'''
+
+
 def test_a_new_stage_is_a_step_of_the_pipeline(toy_stage, tmp_path, monkeypatch):
+    """A row of the table alone: compiling says the pipeline function lacks it. With its line
+    in the function (a copy of pipeline.py): a step wired to evaluate's reports, with its
+    sections and pod."""
+    import importlib.util
+
     import pipeline
 
     monkeypatch.setenv("MOFE_IMAGE", "registry.example.org/mofe-ood:test")
-    out = pipeline.compile_ir(load(ROOT / "params.yaml"), tmp_path / "pipeline.yaml")
+    params = load(ROOT / "params.yaml")
+    with pytest.raises(TypeError, match="pipeline.py: the pipeline function disagrees with the stage table "
+                                        r"\(mofe_ood/stages.py\): stage 'toy' has no task in the pipeline function"):
+        pipeline.compile_ir(params, tmp_path / "pipeline.yaml")
+
+    source = (ROOT / "pipeline.py").read_text()
+    imports, end = "from components.validate import validate as validate_op\n", "\n    problems = wiring_problems("
+    assert source.count(imports) == 1 and source.count(end) == 1  # where the recipe's lines go
+    source = source.replace(imports, imports + TOY_IMPORT).replace(end, "\n" + TOY_TASK + end)
+    (tmp_path / "pipeline_with_toy.py").write_text(source)
+    spec_of = importlib.util.spec_from_file_location("pipeline_with_toy", tmp_path / "pipeline_with_toy.py")
+    with_toy = importlib.util.module_from_spec(spec_of)
+    spec_of.loader.exec_module(with_toy)
+    out = with_toy.compile_ir(params, tmp_path / "pipeline.yaml")
     spec, _ = yaml.safe_load_all(out.read_text())
     task = spec["root"]["dag"]["tasks"]["toy"]
-    # Wired by name: `reports` is evaluate's output; the sections are the table's.
     assert task["inputs"]["artifacts"]["reports"]["taskOutputArtifact"] == {"outputArtifactKey": "reports",
                                                                              "producerTask": "evaluate"}
-    assert set(task["inputs"]["parameters"]) == {"base", "evaluate"}
+    assert task["inputs"]["parameters"] == {"base": {"componentInputParameter": "base"},
+                                            "evaluate": {"componentInputParameter": "evaluate"}}
     resources = spec["deploymentSpec"]["executors"]["exec-toy"]["container"]["resources"]
     assert resources["resourceCpuRequest"] == "0.5" and resources["resourceMemoryLimit"] == "1Gi"
     assert "retryPolicy" not in task

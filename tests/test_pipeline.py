@@ -284,15 +284,47 @@ def test_register_gets_the_kfp_run_id_and_image_as_env(ir):
 def test_components_take_the_sections_of_the_stage_table(ir):
     """Each step gets (and KFP caches it on) the sections its stage reads; dvc.yaml lists no
     other (tests/test_dvc_stages.py)."""
+    import pipeline
+
     _, spec, _, _ = ir
     for stage in stages.STAGES:
         inputs = spec["components"][f"comp-{stage.name}"]["inputDefinitions"]["parameters"]
-        partial = {read.split(".")[0] for read in stage.partial}
-        expected = {*(set(stage.sections) - partial), *(r.replace(".", "__") for r in stage.partial)}
-        assert set(inputs) == expected, stage.name
+        assert set(inputs) == pipeline.stage_inputs(stage), stage.name
     # validate reads every pipeline parameter (and the compiled params): none escapes its check
     validate = spec["components"]["comp-validate"]["inputDefinitions"]["parameters"]
     assert set(validate) == {*spec["root"]["inputDefinitions"]["parameters"], "reference"}
+
+
+def test_the_pipeline_function_wires_every_stage_of_the_table_with_its_sections(ir, tmp_path_factory):
+    """The pipeline function is written by hand (pipeline.py build): its tasks are the table's
+    stages, in its order, each given exactly its stage's sections; a disagreement is caught."""
+    import copy
+
+    import pipeline
+
+    _, spec, _, _ = ir
+    tasks = spec["root"]["dag"]["tasks"]
+    assert pipeline.wiring_problems(spec) == []
+    assert set(tasks) == {"validate", *STAGES}
+    assert all(before in _upstream(tasks, after) for before, after in zip(STAGES, STAGES[1:]))  # in order
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == set(pipeline.arguments(load(ROOT / "params.yaml")))
+    _, sharded, _, _ = compiled(tmp_path_factory, "extract.shards=2")
+    assert pipeline.wiring_problems(sharded, sharded=True) == []
+    # What a hand-written function can get wrong: a section from another parameter, a stage
+    # left out, a section too many.
+    wrong = copy.deepcopy(spec)
+    wrong["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]["finetune"] = {"componentInputParameter": "train"}
+    del wrong["root"]["dag"]["tasks"]["register"]
+    wrong["root"]["dag"]["tasks"]["extract"]["inputs"]["parameters"]["evaluate"] = {
+        "componentInputParameter": "evaluate"}
+    problems = pipeline.wiring_problems(wrong)
+    assert len(problems) == 3, problems
+    assert "task 'train' takes" in problems[1] and "'finetune': 'train'" in problems[1]
+    assert "task 'extract' takes" in problems[0] and "but its stage reads ['base', 'extract']" in problems[0]
+    assert problems[2] == "stage 'register' has no task in the pipeline function"
+    assert pipeline.wiring_problems(spec, until="train") == [
+        "task 'evaluate' is no stage of the table (or comes after --until train)",
+        "task 'register' is no stage of the table (or comes after --until train)"]
 
 
 def stage_inputs(params: dict, out: Path) -> dict[str, dict]:
