@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,3 +119,52 @@ class SeaweedFS:
         paginator = self.client().get_paginator("list_objects_v2")
         return [obj["Key"] for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix)
                 for obj in page.get("Contents", [])]
+
+
+class DistributionRegistry:
+    """The distribution registry v2 (Debian's `docker-registry`) on a free loopback port, plain
+    HTTP, its storage in `root`; `with DistributionRegistry(root) as registry:` at `registry.host`.
+    Started and stopped by PID."""
+
+    BINARY = "docker-registry"
+
+    def __init__(self, root: Path):
+        self.root = root
+        port = free_port_pairs(1)[0]
+        self.host = f"127.0.0.1:{port}"
+        self.config = root / "config.yml"
+        # No auth, no TLS: what a workstation's registry on loopback is (podman and docker push
+        # to 127.0.0.1 over HTTP). The health check of the storage is off: nothing to wait for.
+        self.config.write_text(
+            "version: 0.1\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n  delete:\n    enabled: true\n"
+            f"http:\n  addr: {self.host}\n"
+            "log:\n  level: warn\n")
+
+    def __enter__(self) -> "DistributionRegistry":
+        binary = shutil.which(self.BINARY)
+        if binary is None:
+            raise RuntimeError("docker-registry is not installed: apt-get install docker-registry")
+        self.log = open(self.root / "registry.log", "wb")
+        self.process = subprocess.Popen([binary, "serve", str(self.config)], stdout=self.log,
+                                        stderr=subprocess.STDOUT)
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2):
+                    return self
+            except OSError:
+                if self.process.poll() is not None:
+                    break
+                time.sleep(0.1)
+        self.__exit__()
+        raise RuntimeError(f"docker-registry did not answer on {self.host}: "
+                           f"{(self.root / 'registry.log').read_text()[-2000:]}")
+
+    def __exit__(self, *exc):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()

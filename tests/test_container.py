@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from mofe_ood.params import merged
+from tests.servers import DistributionRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SH = ROOT / "infra" / "image.sh"
@@ -180,6 +181,60 @@ def test_train_with_finetune_checkpoints_runs_in_the_image_as_its_own_user(
     # The checkpoints went to the volume (removed once training finished, their folder stays).
     checkpoints = tmp_path / "root" / "volumes" / "ckpt" / "checkpoints" / "finetune"
     assert checkpoints.is_dir() and checkpoints.stat().st_uid == uid
+
+
+@pytest.fixture
+def registry(tmp_path):
+    """A real registry on loopback: the distribution registry v2 (Debian's docker-registry)."""
+    if shutil.which(DistributionRegistry.BINARY) is None:
+        if os.environ.get("MOFE_REQUIRE_CONTAINERS") == "1":
+            pytest.fail("MOFE_REQUIRE_CONTAINERS=1 but docker-registry is missing (apt-get install docker-registry)")
+        pytest.skip("no docker-registry (Debian package): no registry to push to")
+    (tmp_path / "registry").mkdir()
+    with DistributionRegistry(tmp_path / "registry") as running:
+        yield running
+
+
+@pytest.mark.slow
+def test_make_image_push_then_submit_checks_the_tag_in_the_registry(image, registry, tmp_path):
+    """As a user: `make image-push REGISTRY=127.0.0.1:PORT/mofe` pushes the commit's image (plain
+    HTTP on loopback), then `pipeline.py submit` (a fake KFP) passes the image check for that tag
+    and refuses, before any upload, a tag the registry does not have."""
+    from tests.fake_kfp import FakeKFP
+
+    # A clean checkout of this commit (push refuses a dirty tree's tag, as submit does); its
+    # `make image` reuses the cached layers of the session's image.
+    clone = tmp_path / "clone"
+    assert sh("git", "clone", "-q", ROOT, clone).returncode == 0
+    built = sh("make", "-s", "image", cwd=clone, timeout=3000)
+    assert built.returncode == 0, built.stderr[-3000:]
+    tag = sh("bash", "infra/image.sh", "tag", cwd=clone).stdout.strip()
+    assert tag and not tag.endswith("-dirty")
+    pushed = sh("make", "-s", "image-push", f"REGISTRY={registry.host}/mofe", cwd=clone, timeout=3000)
+    assert pushed.returncode == 0, pushed.stdout[-2000:] + pushed.stderr[-3000:]
+    repository = f"{registry.host}/mofe/mofe-ood"
+    assert pushed.stdout.strip().splitlines()[-1] == f"{repository}:{tag}"
+    assert f"set kfp.image: {repository}" in pushed.stderr
+
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
+           "REGISTRY_AUTH_FILE": str(tmp_path / "no-auth.json")}  # the registry asks for no login
+    with FakeKFP() as kfp:
+        def submit(image):
+            return sh(sys.executable, "pipeline.py", "submit", "--host", kfp.url, "--image", image,
+                      cwd=clone, env=env, timeout=300)
+
+        done = submit(repository)  # no tag: the checkout's, the one pushed
+        assert done.returncode == 0, done.stderr[-3000:]
+        (run,) = kfp.state.runs
+        spec = next(yaml.safe_load_all(kfp.version_yaml(run["pipeline_version_reference"]["pipeline_version_id"])))
+        assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == \
+               {f"{repository}:{tag}"}
+        posts = list(kfp.state.posts)
+        unpushed = f"{repository}:{'0' * 12}"
+        done = submit(unpushed)
+        assert done.returncode == 2
+        assert f"image {unpushed} is not in its registry: push it first" in done.stderr
+        assert kfp.state.posts == posts  # refused before anything was uploaded
 
 
 @pytest.fixture(scope="session")
