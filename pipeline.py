@@ -99,7 +99,7 @@ def build(params: dict, until: str | None = None, runner: str = "cluster", image
 
     # One parameter per params section a stage reads (JSON text), and per key read alone
     # (`section__key`); each task takes the sections of its stage (the stage table's), and the
-    # artifacts of the tasks before it. tests/test_pipeline.py checks both against the table.
+    # artifacts of the tasks before it. wiring_problems (below) holds the function to the table.
     @dsl.pipeline(name=NAME, pipeline_root=settings.pipeline_root if settings else None,
                   description="OOD detection with frozen-backbone features and a Mixture of "
                               "Feature Experts (MoFE, arXiv 2510.10584)")
@@ -213,7 +213,7 @@ def run_locally(params: dict, root: str | Path, until: str | None = None, runner
     if runner == "docker":
         settings = pods.cluster_settings(params, image)
         image, volumes = local.local_image(settings.image), pods.local_volumes(settings)
-    return local.run(build(params, until, runner, image), arguments(params), root, runner, volumes)
+    return local.run(lambda: build(params, until, runner, image), arguments(params), root, runner, volumes)
 
 
 def submit(params: dict, host: str, experiment: str, run_name: str | None = None,

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Callable
 
 
-def run(pipeline: Callable, arguments: dict, root: str | Path, runner: str,
+def run(make_pipeline: Callable[[], Callable], arguments: dict, root: str | Path, runner: str,
         volumes: dict[str, str] | None = None) -> dict[str, Path]:
-    """Run `pipeline` (a @dsl.pipeline function) with `arguments` under the local pipeline root
-    `root`; returns the artifacts written, by task/name. `volumes` (docker runner): name -> the
+    """Run the pipeline `make_pipeline()` returns (a @dsl.pipeline function; made here, once the
+    run's id is set) with `arguments` under the local pipeline root `root`; returns the
+    artifacts written, by task/name. `volumes` (docker runner): name -> the
     path every step's container mounts it at; each is a folder `<root>/volumes/<name>` that
     outlives the run, as a cluster's PVC outlives a pod (kfpipe.pods.local_volumes)."""
     from kfp import local
@@ -29,10 +30,12 @@ def run(pipeline: Callable, arguments: dict, root: str | Path, runner: str,
     else:
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
     # The run's id for register's lineage: subprocess steps inherit this env, docker steps get it
-    # from pods.in_docker (a cluster's come from the pod label: pods.on_cluster).
+    # from pods.in_docker (a cluster's come from the pod label: pods.on_cluster). Set before the
+    # pipeline is made: dsl.pipeline traces the function, and so reads the env, right away.
     previous = os.environ.get("KFP_RUN_ID")
     os.environ["KFP_RUN_ID"] = f"local-{uuid.uuid4().hex}"
     try:
+        pipeline = make_pipeline()
         with warnings.catch_warnings():
             # The local runner warns that our image name lacks "python": it runs this interpreter.
             warnings.filterwarnings("ignore", message=".*non-Python base image.*")

@@ -271,7 +271,8 @@ def test_the_whole_pipeline_in_containers_matches_the_host_and_records_its_linea
     registration = json.loads((run / "register" / "registration").read_text())
     client = mlflow.MlflowClient(mlflow_server)
     tags = client.get_run(registration["run_id"]).data.tags
-    assert tags["image"].endswith(image) and tags["kfp_run_id"]  # podman names it localhost/<image>
+    assert tags["image"].endswith(image)  # podman names it localhost/<image>
+    assert tags["kfp_run_id"].startswith("local-")  # kfpipe.local.run's, given to the containers as env
     assert tags["features_uri"].endswith("/extract/features")
     commit = subprocess.run(["podman", "image", "inspect", image, "--format",
                              "{{index .Labels \"org.opencontainers.image.revision\"}}"],
