@@ -196,7 +196,7 @@ def registry(tmp_path):
 
 
 @pytest.mark.slow
-def test_make_image_push_then_submit_checks_the_tag_in_the_registry(image, registry, tmp_path):
+def test_make_image_push_then_submit_checks_the_tag_in_the_registry(image, registry, tmp_path, request):
     """As a user: `make image-push REGISTRY=127.0.0.1:PORT/mofe` pushes the commit's image (plain
     HTTP on loopback), then `pipeline.py submit` (a fake KFP) passes the image check for that tag
     and refuses, before any upload, a tag the registry does not have."""
@@ -213,6 +213,8 @@ def test_make_image_push_then_submit_checks_the_tag_in_the_registry(image, regis
     pushed = sh("make", "-s", "image-push", f"REGISTRY={registry.host}/mofe", cwd=clone, timeout=3000)
     assert pushed.returncode == 0, pushed.stdout[-2000:] + pushed.stderr[-3000:]
     repository = f"{registry.host}/mofe/mofe-ood"
+    # The push tagged the local image with the registry's name: that tag goes (the image stays).
+    request.addfinalizer(lambda: sh(engine(), "rmi", f"{repository}:{tag}"))
     assert pushed.stdout.strip().splitlines()[-1] == f"{repository}:{tag}"
     assert f"set kfp.image: {repository}" in pushed.stderr
 
