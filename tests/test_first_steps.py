@@ -181,3 +181,21 @@ def test_dvc_plots_show_draws_every_chart_offline(tiny_project, tmp_path, projec
     with request_log() as (port, seen):
         plots, drawn = rendered_charts(repo / "cdn" / "index.html", port)
     assert plots == len(roc) + 2 and drawn == 0 and any("cdn.jsdelivr.net" in line for line in seen)
+
+
+def test_reading_s3_without_credentials_says_which_command_sets_them(tmp_path, monkeypatch):
+    from mofe_ood import storage
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    # boto3 must find no credentials anywhere, and never ask the EC2 metadata address (no network)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("S3_ENDPOINT_URL", "http://127.0.0.1:9")
+    with pytest.raises(storage.StorageError) as err:
+        storage.download("s3://mofe-ood/raw/fashion-mnist", tmp_path / "raw", what="prepare.fashion_mnist_dir")
+    assert str(err.value) == (
+        "prepare.fashion_mnist_dir: reading s3://mofe-ood/raw/fashion-mnist: no S3 credentials for bucket "
+        "'mofe-ood' at http://127.0.0.1:9: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (for the local "
+        "server: make services && eval \"$(infra/services.sh env)\")")
