@@ -124,3 +124,43 @@ def test_dvc_plots_draw_one_roc_curve_per_variant_and_ood_set(clone):
         (plot,) = rendered[chart]
         drawn = {row["filename"].split("/")[0] for row in plot["content"]["data"]["values"]}
         assert drawn == set(params["train"]["variants"]), chart
+
+
+def readme_exp_show() -> list[str]:
+    """The `dvc exp show` command README.md tells users to run (its `$ dvc exp show ...` line)."""
+    import re
+    import shlex
+
+    (line,) = re.findall(r"^\$ (dvc exp show .*)$", (ROOT / "README.md").read_text(), re.M)
+    return shlex.split(line)
+
+
+def test_an_experiment_compares_with_the_commit_on_the_headline_numbers(clone):
+    import csv
+    import io
+    import json
+
+    sh("dvc", "repro", cwd=clone)
+    # reports/headline.json is DVC's metrics and is committed with dvc.lock; the rest is DVC's cache's
+    ignored = subprocess.run(["git", "check-ignore", "reports/headline.json", "reports/metrics.json"], cwd=clone,
+                             capture_output=True, text=True).stdout.split()
+    assert ignored == ["reports/metrics.json"]
+    sh("git", "add", "dvc.lock", "reports/headline.json", cwd=clone)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline", cwd=clone)
+    base = json.loads((clone / "reports" / "headline.json").read_text())
+    sh("dvc", "exp", "run", "--temp", "-n", "two-epochs", "-S", "train.epochs=2", cwd=clone)
+    diff = json.loads(sh("dvc", "exp", "diff", "HEAD", "two-epochs", "--json", cwd=clone))
+    changes = diff["metrics"]["reports/headline.json"]
+    assert changes["registered.near_auroc"]["old"] == base["registered"]["near_auroc"]
+    assert changes["registered.near_auroc"]["new"] != base["registered"]["near_auroc"]
+    # the commit's numbers load (no "failed to load some metrics")
+    shown = json.loads(sh("dvc", "metrics", "show", "--json", "-a", cwd=clone))
+    assert all("error" not in rev.get("data", {}).get("reports/headline.json", {}) for rev in shown.values())
+    # README's command: numbers for the commit and the experiment, in under 40 columns
+    table = list(csv.DictReader(io.StringIO(sh(*readme_exp_show(), "--csv", cwd=clone))))
+    assert len(table[0]) < 40
+    rows = {r["Experiment"] or r["rev"]: r for r in table}
+    assert float(rows["two-epochs"]["registered.near_auroc"]) == pytest.approx(
+        changes["registered.near_auroc"]["new"], abs=1e-4)
+    (commit,) = [r for name, r in rows.items() if name not in ("two-epochs", "workspace")]
+    assert float(commit["registered.near_auroc"]) == pytest.approx(base["registered"]["near_auroc"], abs=1e-4)
