@@ -45,6 +45,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Seconds the model server gives one request (`mlflow models serve -t`; its default is 60):
+# a 256-row request takes ~2 s on 2 cores; the proxy (infra/serve) waits 35 s for the answer.
+REQUEST_TIMEOUT = 30
+
+
 def start_server(model: str, port: int, log_path: Path, env: dict | None = None,
                  timeout: float = 180) -> subprocess.Popen:
     """`mlflow models serve` for `model` on 127.0.0.1:`port`, in its own process group, once /ping answers."""
@@ -52,7 +57,7 @@ def start_server(model: str, port: int, log_path: Path, env: dict | None = None,
     log = open(log_path, "w")
     server = subprocess.Popen(
         [str(bin_dir / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local", "-h", "127.0.0.1",
-         "-p", str(port)], env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+         "-p", str(port), "-t", str(REQUEST_TIMEOUT)], env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
                                 **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
     deadline = time.monotonic() + timeout
