@@ -13,10 +13,8 @@ import io
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ import pytest
 from PIL import Image
 
 from mofe_ood import images
+from mofe_ood.bench.serve import SECRET_PPM, declared_png, hostile_rows
 from mofe_ood.images import BadImage, escaped, load_rgb, read_image
 from mofe_ood.serving import pyfunc
 from mofe_ood.serving.pyfunc import BadRequest, batch_size_from, rows_from_input
@@ -41,15 +40,6 @@ def encoded(image: Image.Image, fmt: str, **save) -> bytes:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def declared_png(width: int, height: int) -> bytes:
-    """A valid PNG header declaring width x height 1-bit pixels with almost no data."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 8)) + chunk(b"IEND", b""))
 
 
 RNG = np.random.default_rng(0)
@@ -192,7 +182,7 @@ def files(tmp_path):
     outside = tmp_path / "outside.png"
     outside.write_bytes(png_row())
     secret = tmp_path / "secret.ppm"
-    secret.write_bytes(b"P6\nSECRET-TOKEN-0123456789abcdef\n")
+    secret.write_bytes(SECRET_PPM)
     (root / "out-link.png").symlink_to(outside)
     (root / "loop").symlink_to(root / "loop")
     (root / "in-link.png").symlink_to(inside)
@@ -330,32 +320,19 @@ def served(tmp_path_factory):
             "labels": np.repeat(np.arange(4), 10)}
     detector = Detector(variant="frozen", classes=list("abcd"), backbone=backbone, backbone_spec=spec, head=None,
                         head_files={}, bank=bank, score={"name": "knn", "hyper": {"k": 1}, "threshold": -30.0},
-                        max_side=128, max_pixels=25_000_000, max_rows=16, max_row_bytes=16_000_000,
+                        max_side=128, max_pixels=25_000_000, max_rows=32, max_row_bytes=16_000_000,
                         max_request_pixels=100_000_000, path_root=str(root))
     saved = bundle.save(detector, base / "bundle", runtime="onnxruntime")
     model = pyfunc.save_model(saved, base / "model")
     return bundle.load(saved), model, root
 
 
-def hostile_rows(root: Path, outside: Path) -> tuple[list[dict], list[str | None]]:
-    """Good rows between every bad kind the probe found, with the error each bad row must get."""
+def hostile_request(root: Path, outside: Path) -> tuple[list[dict], list[str | None], list[bytes]]:
+    """The benchmark's hostile mix plus a path inside the root: rows, the error each must get, the good images."""
     good = [png_row(24, 20), png_row(30, 30)]
-    (root / "inside.png").write_bytes(good[1])
-    rows = [({"image": b64(good[0])}, None),
-            ({"image": "not base64!"}, "not base64"),
-            ({"path": str(outside)}, "path not allowed"),
-            ({"path": str(root / "missing.png")}, "path not allowed"),
-            ({"path": "/etc/passwd"}, "path not allowed"),
-            ({"path": "inside.png"}, None),
-            ({"image": b64(b"P6\nSECRET-TOKEN-0123456789abcdef\n")}, "truncated or corrupt image"),
-            ({"image": b64(declared_png(9000, 9000))}, "image too large: 9000x9000 pixels"),
-            ({"image": b64(b"just text")}, "not an image"),
-            ({"image": 5}, "wrong type: int"),
-            ({"image": True}, "wrong type: bool"),
-            ({"image": [1, 2]}, "wrong type: list"),
-            ({"image": b64(encoded(Image.new("LAB", (8, 8)), "TIFF"))}, "unsupported image mode: LAB"),
-            ({"image": b64(good[0])}, None)]
-    return [r for r, _ in rows], [w for _, w in rows]
+    (root / "inside.png").write_bytes(png_row(16, 16))
+    pairs = hostile_rows(good, str(outside), str(root / "missing.png")) + [({"path": "inside.png"}, None)]
+    return [r for r, _ in pairs], [w for _, w in pairs], [good[0], good[-1], (root / "inside.png").read_bytes()]
 
 
 def check_answer(predictions: list[dict], want: list[str | None], detector, good_bytes: list[bytes]) -> None:
@@ -398,10 +375,9 @@ def test_the_served_model_answers_each_hostile_row_from_the_vocabulary(served, i
     detector, _, root = served
     outside = tmp_path / "outside.png"
     outside.write_bytes(png_row())
-    rows, want = hostile_rows(root, outside)
+    rows, want, good = hostile_request(root, outside)
     status, answer = in_process({"dataframe_records": rows})
     assert status == 200, answer
-    good = [base64.b64decode(rows[0]["image"]), (root / "inside.png").read_bytes(), base64.b64decode(rows[0]["image"])]
     check_answer(answer["predictions"], want, detector, good)
     # an existing file outside the root and a missing one: the same answer, to the byte
     by_path = [json.dumps(p) for p, r in zip(answer["predictions"], rows) if "path" in r and "inside" not in r["path"]]
@@ -452,8 +428,7 @@ def test_a_real_server_answers_hostile_rows_refuses_a_30_mb_row_and_stays_small(
     detector, model_dir, root = served
     outside = tmp_path / "outside.png"
     outside.write_bytes(png_row())
-    rows, want = hostile_rows(root, outside)
-    good = [base64.b64decode(rows[0]["image"]), (root / "inside.png").read_bytes(), base64.b64decode(rows[0]["image"])]
+    rows, want, good = hostile_request(root, outside)
     port = free_port()
     server = start_server(str(model_dir), port, tmp_path / "serve.log",
                           {"HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"})
@@ -494,7 +469,7 @@ def test_mofe_score_reads_the_callers_paths_and_escapes_names(served, tmp_path):
     folder.mkdir()
     (folder / "good.png").write_bytes(png_row())
     (folder / "bad\nmofe score: FAKE: injected line.png").write_bytes(b"not an image")
-    (folder / "secret.ppm").write_bytes(b"P6\nSECRET-TOKEN-0123456789abcdef\n")
+    (folder / "secret.ppm").write_bytes(SECRET_PPM)
     (folder / "loop.png").symlink_to(folder / "loop.png")
     bundle_dir = served[1].parent / "bundle"  # the bundle the served model was saved from
     done = subprocess.run([sys.executable, "-m", "mofe_ood.cli", "score", str(folder), str(tmp_path / "no.png"),
