@@ -37,7 +37,7 @@ from mofe_ood.images import (EMPTY_ROW, MAX_PIXELS, NOT_BASE64, PATH_NOT_ALLOWED
                              WRONG_TYPE, BadImage, encode_png, escaped, image_size)
 
 COLUMNS = ("image", "path")
-DEFAULT_BATCH_SIZE = 64
+MAX_BATCH_SIZE = 64  # rows per forward pass: the default, and the most a request may ask for
 
 
 class BadRequest(ValueError):
@@ -176,16 +176,16 @@ def _within_pixels(rows: list, max_pixels: int, max_request_pixels: int | None) 
 
 
 def batch_size_from(params: dict | None, max_rows: int | None) -> int:
-    """`params.batch_size` of a request, checked: an integer in 1..max(max_rows, 64).
+    """`params.batch_size` of a request, checked: an integer in 1..64 (64 when absent).
 
-    MLflow fills in the signature's default (64) when a request gives none, so 64 is
-    always allowed; a pass never takes more than max_rows rows anyway.
+    A client may make the forward passes smaller, not larger: the runtime's memory grows
+    to the largest pass it ran and stays there (a pass of 64 rows at 128 px: ~360 MB).
     """
-    value = (params or {}).get("batch_size", DEFAULT_BATCH_SIZE)
-    high = max(max_rows or DEFAULT_BATCH_SIZE, DEFAULT_BATCH_SIZE)
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not 1 <= value <= high:
+    value = (params or {}).get("batch_size", MAX_BATCH_SIZE)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
+            or not 1 <= value <= MAX_BATCH_SIZE:
         shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
-        raise BadRequest(f"params.batch_size: {shown} is not an integer in 1..{high}")
+        raise BadRequest(f"params.batch_size: {shown} is not an integer in 1..{MAX_BATCH_SIZE}")
     return min(int(value), max_rows or int(value))
 
 
@@ -207,7 +207,7 @@ def signature():
     outputs = Schema([ColSpec("string", "class"), ColSpec("double", "probability"),
                       ColSpec(Array("double"), "probabilities"), ColSpec("double", "ood_score"),
                       ColSpec("boolean", "is_ood"), ColSpec("string", "error", required=False)])
-    return ModelSignature(inputs, outputs, ParamSchema([ParamSpec("batch_size", "long", DEFAULT_BATCH_SIZE)]))
+    return ModelSignature(inputs, outputs, ParamSchema([ParamSpec("batch_size", "long", MAX_BATCH_SIZE)]))
 
 
 def requirements(bundle: Path) -> list[str]:
