@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from mofe_ood import images
-from mofe_ood.bench.serve import SECRET_PPM, declared_png, hostile_rows
+from mofe_ood.bench._rows import SECRET_PPM, declared_png, hostile_rows
 from mofe_ood.images import BadImage, escaped, load_rgb, read_image
 from mofe_ood.serving import pyfunc
 from mofe_ood.serving.pyfunc import BadRequest, batch_size_from, rows_from_input
