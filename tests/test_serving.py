@@ -487,3 +487,13 @@ def test_mofe_score_reads_the_callers_paths_and_escapes_names(served, tmp_path):
     assert not any(line.startswith("mofe score: FAKE") for line in done.stderr.splitlines())
     assert any(line.endswith("bad\\nmofe score: FAKE: injected line.png: not an image (unrecognised format)")
                for line in lines), done.stderr
+
+
+def test_mofe_score_errors_name_a_hostile_folder_on_one_line(tmp_path, capsys):
+    from mofe_ood import cli
+
+    empty = tmp_path / "empty\nmofe score: FAKE: injected"
+    empty.mkdir()
+    assert cli.main(["score", str(empty), "--params", str(ROOT / "params.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("empty\\nmofe score: FAKE: injected\n"), err
