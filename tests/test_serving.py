@@ -385,6 +385,20 @@ def test_the_served_model_answers_each_hostile_row_from_the_vocabulary(served, i
 
 
 @pytest.mark.slow
+def test_with_default_params_a_file_outside_and_a_missing_one_get_the_same_answer(served, in_process, monkeypatch):
+    """serve.path_root: null (params.yaml's default): no `path` row is read, the root's own files neither."""
+    _, _, root = served
+    monkeypatch.setattr(in_process.model.unwrap_python_model().detector, "path_root", None)
+    existing = ROOT / "README.md"
+    status, answer = in_process({"dataframe_records": [{"path": str(existing)}, {"path": str(existing) + ".missing"},
+                                                       {"path": str(root / "inside.png")}]})
+    assert status == 200
+    assert answer["predictions"][0] == answer["predictions"][1] == answer["predictions"][2] == {
+        "class": None, "probability": None, "probabilities": None, "ood_score": None, "is_ood": None,
+        "error": "path not allowed"}
+
+
+@pytest.mark.slow
 def test_bad_params_get_a_400_naming_the_value_and_no_stack_trace(in_process):
     one = {"dataframe_split": {"columns": ["image"], "data": [[b64(png_row())]]}}
     for value in (-5, 0, 10_000):
