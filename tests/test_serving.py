@@ -268,6 +268,11 @@ def test_rows_of_the_wrong_type_name_their_type():
     rows = rows_from_input(pd.DataFrame({"path": pd.Series([3, None], dtype=object)}), 8)
     assert str(rows[0]) == "wrong type: int in column 'path' (expected a string)"
     assert str(rows[1]) == "empty row: no image data and no path"
+    # an array in a cell (nested JSON lists can arrive so), and every kind of missing cell
+    cells = pd.Series([np.zeros(3), None, float("nan"), pd.NA, "", b""], dtype=object)
+    rows = rows_from_input(pd.DataFrame({"image": cells}), 8)
+    assert [str(r) for r in rows] == ["wrong type: ndarray in column 'image' (expected a base64 string)"] + [
+        "empty row: no image data and no path"] * 5
 
 
 def test_library_messages_never_reach_the_client(files):

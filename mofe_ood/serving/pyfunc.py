@@ -82,8 +82,12 @@ def rows_from_input(model_input: Any, max_rows: int, *, max_row_bytes: int | Non
 
 
 def _missing(value: Any) -> bool:
-    """pandas fills a missing cell with None or NaN."""
-    return value is None or (isinstance(value, float) and math.isnan(value))
+    """A cell with nothing in it: pandas fills a missing cell with None, NaN or NA; or an empty text."""
+    import pandas as pd
+
+    if isinstance(value, (str, bytes, bytearray)):
+        return len(value) == 0
+    return value is None or (pd.api.types.is_scalar(value) and bool(pd.isna(value)))
 
 
 def _row(image: Any, path: Any, max_bytes: int | None, root: Path | None) -> bytes | BadImage:
@@ -103,11 +107,11 @@ def _row(image: Any, path: Any, max_bytes: int | None, root: Path | None) -> byt
         if max_bytes is not None and len(data) > max_bytes:
             return _too_many_bytes(len(data), max_bytes)
         return data
-    if not (_missing(image) or image in ("", b"")):
+    if not _missing(image):
         return BadImage(f"{WRONG_TYPE}: {type(image).__name__} in column 'image' (expected a base64 string)")
     if isinstance(path, str) and path:
         return read_allowed(path, root, max_bytes)
-    if not _missing(path) and path != "":
+    if not _missing(path):
         return BadImage(f"{WRONG_TYPE}: {type(path).__name__} in column 'path' (expected a string)")
     return BadImage(f"{EMPTY_ROW}: no image data and no path")
 
