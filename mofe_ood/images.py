@@ -53,8 +53,10 @@ RGB_MODES = _PIL_RGB | _ALPHA | _HIGH_DEPTH
 class BadImage(UserError):
     """One input image cannot be used (shown per file or row, the batch goes on).
 
-    `str(err)` starts with one of the vocabulary above and adds only our own numbers and
-    names; `detail` (a library's message, a path) is for the log, never for a client.
+    What the served model answers, `str(err)`, starts with one of the vocabulary above and
+    adds only our own numbers and names; `detail` (a library's message, a path) is for the
+    log, never for a client. `mofe score` also tells its caller why one of its own paths
+    cannot be read ("no such file", "not a regular file", "empty file").
     """
 
     def __init__(self, message: str, detail: str | None = None):
@@ -65,7 +67,7 @@ class BadImage(UserError):
 def escaped(text: Any) -> str:
     """`text` for one log line: control and other unprintable characters as Python escapes.
 
-    A file named `a\nmofe score: FAKE` must not write a second, fake log line.
+    A file named `a\\nmofe score: FAKE` must not write a second, fake log line.
     """
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
