@@ -477,6 +477,8 @@ def test_a_real_server_answers_hostile_rows_refuses_a_30_mb_row_and_stays_small(
     details = [line for line in log.splitlines() if "mofe_ood.serving" in line]
     assert any("outside serve.path_root" in line for line in details), details  # why: in the server's log
     assert any("SECRET-TOKE" in line for line in details), details  # PIL quotes 11 bytes
+    assert any("x\\nmofe_ood.serving.detector: FAKE injected line" in line for line in details), details
+    assert not any(line.startswith("mofe_ood.serving.detector: FAKE") for line in log.splitlines())
 
 
 # ---------------------------------------------------------------- `mofe score` (items 1, 5, 6)

@@ -47,6 +47,7 @@ def hostile_rows(good: list[bytes], outside: str, missing: str) -> list[tuple[di
             ({"path": missing}, "path not allowed"),
             ({"path": "/etc/passwd"}, "path not allowed"),
             ({"path": "../../../../../../proc/self/environ"}, "path not allowed"),
+            ({"path": "x\nmofe_ood.serving.detector: FAKE injected line"}, "path not allowed"),
             ({"image": b64(SECRET_PPM)}, "truncated or corrupt image"),
             ({"image": b64(declared_png(50_000, 50_000))}, "image too large"),
             ({"image": b64(declared_png(9000, 9000))}, "image too large: 9000x9000 pixels"),
