@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         if args.verbose:
             traceback.print_exc()
-        print(f"mofe {args.command}: error: {err}", file=sys.stderr)
+        from mofe_ood.images import escaped  # messages quote user paths: one line each, whatever their names
+
+        print(f"mofe {args.command}: error: {escaped(err)}", file=sys.stderr)
         return 2
 
 
@@ -137,7 +139,7 @@ def score(args, params: dict) -> int:
 
     import torch
 
-    from mofe_ood.images import list_images
+    from mofe_ood.images import escaped, list_images
     from mofe_ood.serving.bundle import load_detector
     from mofe_ood.serving.detector import score_files
     from mofe_ood.serving.runtime import leave_cores_to
@@ -147,7 +149,7 @@ def score(args, params: dict) -> int:
     started = time.perf_counter()
     paths = list_images(args.paths)
     if not paths:
-        raise FileNotFoundError(f"no image files in {' '.join(args.paths)}")
+        raise FileNotFoundError(f"no image files in {' '.join(map(escaped, args.paths))}")
     detector = load_detector(args.model, params=params)
     threads = leave_cores_to(detector.session)
     loaded = time.perf_counter()
@@ -160,7 +162,7 @@ def score(args, params: dict) -> int:
 
         def emit(path, record: dict) -> None:
             if record["error"] is not None:
-                print(f"mofe score: {path}: {record['error']}", file=sys.stderr)
+                print(f"mofe score: {escaped(path)}: {record['error']}", file=sys.stderr)  # one line per file
             row = {"path": str(path), **record}
             if writer:
                 writer.writerow(row)
