@@ -12,7 +12,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run test test-fast lint fashion-mnist services services-down image lock clean plots-template
+.PHONY: setup run test test-fast lint fashion-mnist services services-down image image-push lock clean plots-template
 
 setup: $(VENV)/.installed fashion-mnist
 
@@ -34,6 +34,10 @@ lock:
 # Where no registry answers, it first makes a local Debian base (debootstrap). See infra/README.md.
 image:
 	infra/image.sh build
+
+# The commit's image into a registry a cluster pulls from: make image-push REGISTRY=host[:port]/path
+image-push:
+	infra/image.sh push $(REGISTRY)
 
 fashion-mnist:
 	@if [ -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz ]; then :; \

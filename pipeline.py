@@ -4,21 +4,30 @@
     python pipeline.py run [--runner docker] [--image IMAGE]      # the whole pipeline here
     python pipeline.py submit --host URL [--experiment NAME]     # a run on a KFP endpoint
 
-    validate -> prepare -> extract -> train -> evaluate -> register           (extract.shards: 1, any KFP 2.x)
-    validate -> prepare -> extract x N (ParallelFor) -> merge_features -> ...  (extract.shards: N > 1)
+    validate -> prepare -> extract -> train -> evaluate -> register           (extract.shards: 1)
+    validate -> prepare -> extract x N (ParallelFor) -> merge_features -> ...  (extract.shards: N > 1, KFP >= 2.14.0)
+
+The IR runs on KFP backends from 2.2.0 (Kubeflow 1.9) on: it carries a feature of a newer
+backend only where the params ask for it (extract.shards > 1; `kfp.backend` at or above a
+feature's version: retries 2.4.1, a memory-backed /dev/shm on GPU steps 2.3.0), and `submit`
+refuses an IR the server is too old for (kfpipe/backends.py has the features and their sources).
 
 The steps after `validate` are the stage table's (mofe_ood/stages.py: names, order,
-sections, pods); each step takes its inputs by name from the params sections, the GPU
-counts and the outputs of the steps before it, so a new stage needs no change here.
+sections, pods); each step takes its inputs by name from the params sections and the
+outputs of the steps before it, so a new stage needs no change here. How each step runs
+(its pod, or its local container) is kfpipe/pods.py; local runs kfpipe/local.py; the
+server side of submit (version check, versions, namespaces) kfpipe/server.py.
 `validate` checks every section at once (mofe validate) and fails the run in seconds;
 compile, run and submit run the same check here first.
 
 Each params.yaml section a stage reads (base, prepare, ...) is one pipeline parameter,
-the section as JSON text, its default the file's value; `--params` takes params.yaml or a
-preset, `--set` changes the values sent for this run. `extract.gpus` and `train.gpus`
-are integer parameters of their own: they feed the steps' accelerator limits. The `kfp`
-section (image, pipeline_root, GPU node settings, data PVC, train timeout) is read when
-compiling: it shapes the pods, not the computation. MOFE_IMAGE and
+the section as JSON text, its default the file's value, and each step takes exactly what
+its stage reads (`section__key` where it reads one key of a section: Stage.partial), so
+KFP's cache and DVC's re-run the same stages on a change. `--params` takes params.yaml or a
+preset, `--set` changes the values. `<stage>.gpus` stays in its section (the validate step
+checks that a run's count is the one compiled into the pods' GPU limit). The `kfp` section
+(image, pipeline_root, GPU node settings, data PVC, train timeout, backend) is read when
+compiling: it shapes the pods (and their env), never a step's inputs. MOFE_IMAGE and
 MOFE_PIPELINE_ROOT override `kfp.image` and `kfp.pipeline_root`; an image without
 a tag gets the checkout's (infra/image.sh tag: the commit), so a new commit is a new
 image string and KFP's cache cannot serve old code.
@@ -30,133 +39,28 @@ reads raw data from S3, as a cluster does (mofe push-raw; see README).
 """
 
 import argparse
-import dataclasses
 import importlib
 import inspect
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
-import urllib.request
-import warnings
 from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
 
 from components.extract import extract_shard, merge_features, shard_indices
 from components.validate import validate as validate_params
+from kfpipe import local, pods, server
 from mofe_ood import stages
 from mofe_ood.cli import USER_ERRORS, parse_set
 from mofe_ood.params import ParamError, load, merged
-from mofe_ood.stages import Kfp, Resources
 
 ROOT = Path(__file__).resolve().parent
-NAME = "mofe-ood"
+NAME = server.NAME
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # kfp.local colours its messages
 RUNNERS = ("subprocess", "docker")
-# dsl.Collected over artifacts (the fan-in of extract.shards > 1) runs on KFP backends from
-# 2.5.0 on (kubeflow/pipelines PR 11725, "enable dsl.Collected for parameters & artifacts").
-COLLECTED_MIN_BACKEND = (2, 5, 0)
-# infra/k8s's Secret and ConfigMap (they must exist in the namespace the runs use), and the
-# resource name of a GPU in the cluster.
-SECRET, CONFIG_MAP, GPU_TYPE = "mofe-ood-s3", "mofe-ood-storage", "nvidia.com/gpu"
-# What a step that talks to S3 or MLflow gets as env, each key under its own name. Only
-# these names reach the IR, never a value.
-SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-CONFIG_KEYS = ("S3_ENDPOINT_URL", "S3_BUCKET", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI",
-               "AWS_DEFAULT_REGION")
-# Steps of the pipeline that are not stages of mofe_ood.stages (their pods; a stage's is in the table).
-STEP_PODS = {
-    "validate": Resources(0.5, "2Gi", retries=0),  # a bad param stays bad on a retry
-    "shard-indices": Resources(0.1, "256Mi", cache=True),
-    "extract-shard": stages.get("extract").pod,
-    "merge-features": Resources(1, "8Gi", cache=True),
-}
-
-
-def pods() -> dict[str, Resources]:
-    """Every step's pod, by KFP component name."""
-    return {**{stage.name: stage.pod for stage in stages.STAGES}, **STEP_PODS}
-
-
-def image_tag() -> str:
-    """The checkout's image tag (`make image` builds the same): the short commit, -dirty if dirty."""
-    done = subprocess.run(["bash", str(ROOT / "infra" / "image.sh"), "tag"], capture_output=True, text=True)
-    if done.returncode:
-        raise ParamError(done.stderr.strip() or "infra/image.sh tag failed")
-    return done.stdout.strip()
-
-
-def with_tag(image: str) -> str:
-    """`image` as given when it has a tag or digest, else with the checkout's tag."""
-    if "@" in image or ":" in image.rsplit("/", 1)[-1]:
-        return image
-    return f"{image}:{image_tag()}"
-
-
-def cluster_settings(params: dict, image: str | None = None) -> Kfp:
-    """The `kfp` section, with $MOFE_IMAGE / $MOFE_PIPELINE_ROOT over it and the image tagged."""
-    settings = stages.kfp_config(params)
-    env = {"image": "MOFE_IMAGE", "pipeline_root": "MOFE_PIPELINE_ROOT"}
-    settings = dataclasses.replace(settings, **{key: os.environ[var] for key, var in env.items()
-                                                if os.environ.get(var)})
-    return dataclasses.replace(settings, image=with_tag(image or settings.image))
-
-
-def gpus(params: dict) -> dict[str, int]:
-    """`<stage>.gpus` of each stage that can have GPUs (extract, train): 0 (the default) is none."""
-    from mofe_ood.params import check_number
-
-    return {stage.name: check_number(f"{stage.name}.gpus", params[stage.name]["gpus"], low=0, integer=True)
-            for stage in stages.STAGES if stage.pod.gpus}
-
-
-def on_cluster(task: dsl.PipelineTask, settings: Kfp, gpu_count=None, compiled_gpus: int = 0) -> dsl.PipelineTask:
-    """Image, resources, retries, caching, secrets and GPUs of `task` (its pod, by component name).
-
-    `gpu_count`: the pipeline parameter feeding the accelerator limit, wired only when the
-    params asked for GPUs at compile time (`compiled_gpus` > 0): a pod of a default run asks
-    for no GPU and schedules on a cluster without GPU nodes.
-    """
-    pod = pods()[task.component_spec.name.replace("_", "-")]
-    task.set_container_image(settings.image)
-    task.set_cpu_request(f"{pod.cpu:g}").set_memory_request(pod.memory).set_memory_limit(pod.memory)
-    # torch in a container sees every core of the node, not the pod's share of them.
-    task.set_env_variable("OMP_NUM_THREADS", str(max(1, int(pod.cpu))))
-    task.set_caching_options(pod.cache)
-    if pod.retries:
-        task.set_retry(pod.retries, backoff_duration="30s", backoff_factor=2)
-    if compiled_gpus:
-        task.set_accelerator_type(GPU_TYPE).set_accelerator_limit(gpu_count)
-        for toleration in settings.gpu_tolerations:
-            kubernetes.add_toleration(task, **toleration)
-        for key, value in settings.gpu_node_selector.items():
-            kubernetes.add_node_selector(task, key, str(value))
-        # NCCL and DataLoader workers share memory through /dev/shm, 64 MiB in a default pod.
-        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
-    if pod.data and settings.data_pvc:
-        kubernetes.mount_pvc(task, pvc_name=settings.data_pvc, mount_path=settings.data_mount)
-    if pod.storage:
-        kubernetes.use_secret_as_env(task, SECRET, {k: k for k in SECRET_KEYS})
-        kubernetes.use_config_map_as_env(task, CONFIG_MAP, {k: k for k in CONFIG_KEYS})
-    return task
-
-
-def in_docker(task: dsl.PipelineTask, settings: Kfp) -> dsl.PipelineTask:
-    """A step of a local DockerRunner run: the image, and this shell's S3 / MLflow settings as env.
-
-    The values go to the local container only (nothing is compiled); no hub is reached.
-    """
-    pod = pods()[task.component_spec.name.replace("_", "-")]
-    task.set_container_image(settings.image)
-    task.set_env_variable("HF_HUB_OFFLINE", "1")
-    if pod.storage:
-        for key in (*SECRET_KEYS, *CONFIG_KEYS):
-            if os.environ.get(key):
-                task.set_env_variable(key, os.environ[key])
-    return task
 
 
 def component(stage: stages.Stage):
@@ -167,22 +71,21 @@ def component(stage: stages.Stage):
 
 def call(component, available: dict, what: str) -> dsl.PipelineTask:
     """`component` called with each of its inputs taken by name from `available` (sections,
-    GPU counts, earlier steps' artifacts): the pipeline wires outputs to inputs by name."""
+    earlier steps' artifacts): the pipeline wires outputs to inputs by name."""
     args = {}
     for name, spec in (component.component_spec.inputs or {}).items():
         if name in available:
             args[name] = available[name]
         elif spec.default is None and not spec.optional:
-            raise TypeError(f"{what}: no section, GPU count or earlier step's output is named {name!r} "
+            raise TypeError(f"{what}: no section or earlier step's output is named {name!r} "
                              f"(available: {', '.join(sorted(available))})")
     return component(**args)
 
 
 def pipeline_signature(defaults: dict) -> inspect.Signature:
-    """The pipeline's parameters: one JSON text per params section, one integer per GPU count."""
+    """The pipeline's parameters: one JSON text per params section (and per `section__key`)."""
     return inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=value,
-                                                annotation=int if isinstance(value, int) else str)
-                              for name, value in defaults.items()])
+                                                annotation=str) for name, value in defaults.items()])
 
 
 def build(params: dict, until: str | None = None, runner: str = "cluster", image: str | None = None):
@@ -191,38 +94,36 @@ def build(params: dict, until: str | None = None, runner: str = "cluster", image
 
     The steps are the stage table's (mofe_ood.stages), in its order, after `validate`; each
     takes its inputs by name from the sections, the GPU counts and the outputs of the steps
-    before it. `runner`: cluster (on_cluster's settings), subprocess (bare tasks: a local
+    before it. `runner`: cluster (kfpipe.pods.on_cluster), subprocess (bare tasks: a local
     failure is no lost node to retry, and the pods' thread counts would oversubscribe this
-    machine) or docker (in_docker's settings).
+    machine) or docker (kfpipe.pods.in_docker).
     """
     from mofe_ood import validate
 
     validate.run(params)  # a bad param fails here, before anything is compiled or run
-    defaults = arguments(params, runner)
-    settings = cluster_settings(params, image) if runner != "subprocess" else None
+    defaults = arguments(params)
+    settings = pods.cluster_settings(params, image) if runner != "subprocess" else None
+    env = pods.pod_env(params, settings) if settings else {}
     names = stages.names()
     steps = stages.STAGES[:names.index(until or names[-1]) + 1]
-    compiled = gpus(params)
+    counts = pods.gpus(params)
 
-    def pod(task: dsl.PipelineTask, gpu_count=None, stage: str = "") -> dsl.PipelineTask:
+    def pod(task: dsl.PipelineTask, stage: str = "") -> dsl.PipelineTask:
         if runner == "cluster":
-            return on_cluster(task, settings, gpu_count, compiled.get(stage, 0))
-        return in_docker(task, settings) if runner == "docker" else task
+            return pods.on_cluster(task, settings, env, counts.get(stage, 0))
+        if runner == "docker":  # no pod label to read the run's id from: kfpipe.local.run's
+            return pods.in_docker(task, settings, {**env, "KFP_RUN_ID": os.environ.get("KFP_RUN_ID", "")})
+        return task
 
     def mofe_ood(*values):
-        inputs = dict(zip(defaults, values))
-        available = {**inputs, "reference": json.dumps(params, sort_keys=True),
-                     "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                     "image": settings.image if settings else ""}
+        available = {**dict(zip(defaults, values)), "reference": json.dumps(params, sort_keys=True)}
         checked = pod(call(validate_params, available, "validate"))
         produced: set[str] = set()  # artifacts of the steps so far
         for stage in steps:
-            gpu_count = inputs.get(f"{stage.name}_gpus")
-            here = {**available, "gpus": gpu_count}
             if stage.name == "extract" and params["extract"]["shards"] > 1:
-                task = sharded_extract(here, pod, gpu_count)
+                task = sharded_extract(available, pod)
             else:
-                task = pod(call(component(stage), here, stage.name), gpu_count, stage.name)
+                task = pod(call(component(stage), available, stage.name), stage.name)
             if not produced & set(component(stage).component_spec.inputs or {}):
                 task.after(checked)  # a first step: it waits until the params are known to be good
             if stage.name == "train" and runner == "cluster":  # a hung run must not hold its GPUs forever
@@ -237,35 +138,24 @@ def build(params: dict, until: str | None = None, runner: str = "cluster", image
                                     "Feature Experts (MoFE, arXiv 2510.10584)")
 
 
-def sharded_extract(available: dict, pod, gpu_count) -> dsl.PipelineTask:
-    """extract.shards > 1: fan out over the shards, fan in (needs dsl.Collected: COLLECTED_MIN_BACKEND)."""
+def sharded_extract(available: dict, pod) -> dsl.PipelineTask:
+    """extract.shards > 1: fan out over the shards, fan in (dsl.Collected: KFP backend >= 2.14.0)."""
     shards = pod(call(shard_indices, available, "shard-indices"))
     with dsl.ParallelFor(shards.output) as shard:
-        part = pod(call(extract_shard, {**available, "shard": shard}, "extract-shard"), gpu_count, "extract")
+        part = pod(call(extract_shard, {**available, "shard": shard}, "extract-shard"), "extract")
     return pod(merge_features(shards=dsl.Collected(part.outputs["features"])))
 
 
-def arguments(params: dict, runner: str = "subprocess") -> dict:
-    """The run's pipeline arguments: each params section a stage reads as JSON text (see
-    components/), and `<stage>_gpus` as integers (taken out of their sections: one place each).
-
-    A container has no host folder: unless prepare.fashion_mnist_dir names one, its steps
-    read Fashion-MNIST from S3 (`kfp.fashion_mnist`, default s3://$S3_BUCKET/raw/fashion-mnist,
-    where `mofe push-raw` puts it).
-    """
-    sections = {name: dict(params[name]) for name in stages.sections()}
-    counts = gpus(params)
-    for stage in counts:
-        sections[stage].pop("gpus")
-    if runner != "subprocess" and not sections["prepare"]["fashion_mnist_dir"]:
-        sections["prepare"]["fashion_mnist_dir"] = raw_fashion_mnist(params)
-    out: dict = {name: json.dumps(value, sort_keys=True) for name, value in sections.items()}
-    out.update({f"{stage}_gpus": count for stage, count in counts.items()})
+def arguments(params: dict) -> dict:
+    """The run's pipeline arguments, as the file says them: each params section a stage reads as
+    JSON text (see components/), and each key a stage reads alone (`Stage.partial`) as
+    `section__key`, a copy of that key (the validate step checks that the two agree)."""
+    out = {name: json.dumps(params[name], sort_keys=True) for name in stages.sections()}
+    for stage in stages.STAGES:
+        for read in stage.partial:
+            section, key = read.split(".")
+            out[f"{section}__{key}"] = json.dumps(params[section][key], sort_keys=True)
     return out
-
-
-def raw_fashion_mnist(params: dict) -> str:
-    return params["kfp"]["fashion_mnist"] or f"s3://{os.environ.get('S3_BUCKET') or 'mofe-ood'}/raw/fashion-mnist"
 
 
 def compile_ir(params: dict, out: str | Path, until: str | None = None, image: str | None = None) -> Path:
@@ -276,149 +166,20 @@ def compile_ir(params: dict, out: str | Path, until: str | None = None, image: s
 def run_locally(params: dict, root: str | Path, until: str | None = None, runner: str = "subprocess",
                 image: str | None = None) -> dict[str, Path]:
     """Every step as a local subprocess, or in its container; returns the artifacts written, by task/name."""
-    from kfp import local
-
-    root = Path(root).resolve()
-    before = set(root.glob("*")) if root.is_dir() else set()
     if runner == "docker":
-        image = local_image(with_tag(image or cluster_settings(params).image))
-        local.init(runner=docker_runner(), pipeline_root=str(root))
-    else:
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
-    with warnings.catch_warnings():
-        # The local runner warns that our image name lacks "python": it runs this interpreter.
-        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-        build(params, until, runner, image)(**arguments(params, runner))
-    (run,) = set(root.glob("*")) - before  # <root>/<pipeline>-<time>/<task>/<output>
-    return {str(out.relative_to(run)): out for log in sorted(run.rglob("executor_output.json"))
-            for out in sorted(log.parent.iterdir()) if out != log}
-
-
-def docker_client():
-    """The Docker API of $DOCKER_HOST (podman's: infra/image.sh api start), or a clear error."""
-    import docker
-
-    where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock (DOCKER_HOST is not set)"
-    try:
-        client = docker.from_env()
-        client.ping()
-    except Exception as err:  # docker raises DockerException, requests' and socket errors here
-        raise RuntimeError(f"no container API answers at {where} ({type(err).__name__}): start podman's "
-                           "with `infra/image.sh api start` and `eval \"$(infra/image.sh api env)\"`, "
-                           "or start the Docker daemon") from None
-    return client
-
-
-def local_image(image: str) -> str:
-    """The local name of `image` as the API lists it (podman stores `x:t` as `localhost/x:t`)."""
-    import docker
-
-    client = docker_client()
-    try:
-        found = client.images.get(image)
-    except docker.errors.ImageNotFound:
-        raise RuntimeError(f"image {image} is not on this machine: build it with `make image` "
-                           "(or name one with --image)") from None
-    finally:
-        client.close()
-    return next((t for t in found.tags if t == image or t.endswith("/" + image)), image)
-
-
-def docker_runner():
-    """kfp's DockerRunner on the host network (S3 and MLflow on loopback), as this user.
-
-    As this user: the runner creates each output folder on the host before the container
-    starts; the image's own user could not write there. kfp 2.17.3 also starts containers
-    with auto-remove and reads a vanished container's exit status as 0, so a step that
-    failed fast passed: its container is kept until the status is read (below).
-    """
-    from kfp import local
-    from kfp.local import docker_task_handler
-
-    docker_client().close()
-    docker_task_handler.run_docker_container = run_container
-    return local.DockerRunner(network_mode="host", user=f"{os.getuid()}:{os.getgid()}")
-
-
-def run_container(client, image: str, command: list[str], volumes: dict, **run_args) -> int:
-    """Run one step's container to its end, stream its log, return its exit status, remove it."""
-    container = client.containers.run(image=image, command=command, detach=True, stdout=True,
-                                      stderr=True, volumes=volumes, **run_args)
-    try:
-        for line in container.logs(stream=True, follow=True):
-            print(line.decode(errors="replace"), end="")
-        return int(container.wait()["StatusCode"])
-    finally:
-        container.remove(force=True)
-
-
-def backend_version(host: str, token: str | None) -> tuple[int, ...] | None:
-    """The KFP server's version from its healthz (`tag_name`, e.g. 2.14.3), or None if it says none."""
-    for path in ("/apis/v1beta1/healthz", "/apis/v2beta1/healthz"):
-        request = urllib.request.Request(host.rstrip("/") + path,
-                                         headers={"Authorization": f"Bearer {token}"} if token else {})
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                tag = json.load(response).get("tag_name") or ""
-        except (OSError, ValueError):
-            continue
-        numbers = re.match(r"v?(\d+)\.(\d+)(?:\.(\d+))?", tag)
-        if numbers:
-            return tuple(int(n or 0) for n in numbers.groups())
-    return None
-
-
-def check_backend(host: str, token: str | None) -> None:
-    """Fail before anything is uploaded if the server cannot run the sharded (Collected) DAG."""
-    need = ".".join(map(str, COLLECTED_MIN_BACKEND))
-    found = backend_version(host, token)
-    fix = "set extract.shards: 1 (a plain DAG that runs on any KFP 2.x)"
-    if found is None:
-        raise ParamError(f"extract.shards > 1 needs a Kubeflow Pipelines backend >= {need} (dsl.Collected); "
-                         f"the server at {host} does not report its version: {fix}, or pass "
-                         "--no-version-check if you know it is recent enough")
-    if found < COLLECTED_MIN_BACKEND:
-        raise ParamError(f"extract.shards > 1 needs a Kubeflow Pipelines backend >= {need} (dsl.Collected); "
-                         f"the server at {host} runs {'.'.join(map(str, found))}: {fix}, or upgrade it")
+        image = local.local_image(pods.with_tag(image or pods.cluster_settings(params).image))
+    return local.run(build(params, until, runner, image), arguments(params), root, runner)
 
 
 def submit(params: dict, host: str, experiment: str, run_name: str | None = None,
-           namespace: str | None = None, image: str | None = None, version_check: bool = True) -> str:
-    """Upload the pipeline and a version named by the commit, then start a run of it; returns its id.
-
-    A bearer token comes from $KF_PIPELINES_TOKEN.
-    """
-    from kfp import Client
-
-    token = os.environ.get("KF_PIPELINES_TOKEN") or None
-    settings = cluster_settings(params, image)
-    if version_check and params["extract"]["shards"] > 1:
-        check_backend(host, token)
-    client = Client(host=host, existing_token=token)
-    tag = settings.image.rsplit(":", 1)[-1]
-    version_name = f"{NAME}-{tag}"
+           namespace: str | None = None, image: str | None = None, version_check: bool = True,
+           image_check: bool = True) -> str:
+    """Compile, then upload and run on the KFP endpoint (kfpipe/server.py); returns the run's id."""
+    settings = pods.cluster_settings(params, image)
     with tempfile.TemporaryDirectory() as tmp:
-        package = str(compile_ir(params, Path(tmp) / "pipeline.yaml", image=settings.image))
-        pipeline_id = client.get_pipeline_id(NAME)
-        if pipeline_id is None:
-            pipeline_id = client.upload_pipeline(package, NAME, namespace=namespace).pipeline_id
-        versions = client.list_pipeline_versions(pipeline_id, page_size=100,
-                                                 filter=json.dumps({"predicates": [{
-                                                     "key": "display_name", "operation": "EQUALS",
-                                                     "string_value": version_name}]}))
-        found = [v for v in (versions.pipeline_versions or []) if v.display_name == version_name]
-        if found and not tag.endswith("-dirty"):  # the same commit: the same pipeline
-            version_id = found[0].pipeline_version_id
-        else:
-            if found:  # a dirty tree changes without a new commit: one version per upload
-                version_name += "-" + str(len(versions.pipeline_versions or []))
-            version_id = client.upload_pipeline_version(package, version_name,
-                                                        pipeline_id=pipeline_id).pipeline_version_id
-    experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
-    result = client.run_pipeline(experiment_id=experiment_id, job_name=run_name or version_name,
-                                 params=arguments(params, "cluster"), pipeline_id=pipeline_id,
-                                 version_id=version_id)
-    return result.run_id
+        package = compile_ir(params, Path(tmp) / "pipeline.yaml", image=settings.image)
+        return server.submit(package, arguments(params), pods.image_tag(), settings.image, host, experiment,
+                             run_name, namespace, version_check, image_check)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -448,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     sub["submit"].add_argument("--run-name")
     sub["submit"].add_argument("--namespace", help="the profile namespace (multi-user Kubeflow)")
     sub["submit"].add_argument("--no-version-check", action="store_true",
-                               help="skip the server version check of a sharded (extract.shards > 1) run")
+                               help="skip the check of the server's KFP version against what the IR needs")
+    sub["submit"].add_argument("--no-image-check", action="store_true",
+                               help="skip the check that the image's tag is in its registry")
     args = parser.parse_args(argv)
 
     try:
@@ -465,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({name: str(path) for name, path in outputs.items()}, indent=2))
         else:
             print(submit(params, args.host, args.experiment, args.run_name, args.namespace, args.image,
-                         version_check=not args.no_version_check))
+                         version_check=not args.no_version_check, image_check=not args.no_image_check))
     except USER_ERRORS as err:  # bad input: params, image tag, server version
         print(f"pipeline.py {args.command}: error: {err}", file=sys.stderr)
         return 2

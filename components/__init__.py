@@ -5,8 +5,11 @@ directory) and calls the stage's `run`, the same function `dvc repro` calls, so
 the two orchestrators cannot drift.
 
 Params travel as one JSON text per params.yaml section, and each component
-takes the sections its stage reads (as dvc.yaml lists them), so KFP caches a
-step on exactly those. Not `dict` parameters: KFP's SDK rejects null values in
+takes the sections its stage reads (the stage table's, as dvc.yaml lists them), so KFP
+caches a step on exactly those; where a stage reads single keys of a section
+(`Stage.partial`), it takes `section__key` instead. No step rewrites a param: GPU
+counts stay in their sections, and what only a pod knows (the image, the run id, the
+raw data's location) comes as env. Not `dict` parameters: KFP's SDK rejects null values in
 them (params.yaml has many) and its local runner turns every int into a float
 (64 -> 64.0), which the cluster does not; JSON keeps the values as written.
 
@@ -23,18 +26,17 @@ DEFAULT_IMAGE = "mofe-ood"
 
 
 def sections(**texts: str) -> dict:
-    """The params dict a stage's `run` takes, from its sections' JSON texts."""
+    """The params dict a stage's `run` takes, from its sections' JSON texts (`section__key`: that
+    one key of the section)."""
     import json
 
-    return {name: json.loads(text) for name, text in texts.items()}
-
-
-def with_gpus(params: dict, **counts) -> dict:
-    """`params` with `<stage>.gpus` put back from the integer pipeline parameters (`extract_gpus`,
-    `train_gpus`), which pipeline.py takes out of the sections: every config sees whole sections.
-    int(): the local runner passes ints as floats."""
-    for stage, count in counts.items():
-        params[stage]["gpus"] = int(count)
+    params: dict = {}
+    for name, text in texts.items():
+        section, _, key = name.partition("__")
+        if key:
+            params.setdefault(section, {})[key] = json.loads(text)
+        else:
+            params[section] = {**json.loads(text), **params.get(section, {})}
     return params
 
 
@@ -51,4 +53,4 @@ def log_metrics(metrics, values, prefix: str = "") -> None:
 def component(func):
     """`dsl.component` for this project: the project image, no run-time pip installs."""
     return dsl.component(func, base_image=DEFAULT_IMAGE, packages_to_install=[],
-                         install_kfp_package=False, additional_funcs=[sections, with_gpus, log_metrics])
+                         install_kfp_package=False, additional_funcs=[sections, log_metrics])

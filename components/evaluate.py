@@ -2,20 +2,19 @@
 
 from kfp.dsl import ClassificationMetrics, Dataset, HTML, Input, Markdown, Metrics, Model, Output
 
-from components import component, sections, with_gpus
+from components import component, sections
 
 
 @component
-def evaluate(base: str, train: str, finetune: str, evaluate: str, register: str, train_gpus: int,
-             features: Input[Dataset], models: Input[Model], reports: Output[Dataset], metrics: Output[Metrics],
+def evaluate(base: str, train: str, finetune: str, evaluate: str, register: str, features: Input[Dataset],
+             models: Input[Model], reports: Output[Dataset], metrics: Output[Metrics],
              results: Output[Markdown], roc: Output[ClassificationMetrics], plots: Output[HTML]):
     """Write the reports folder (metrics.json, scores, plots), and what the KFP UI renders:
     the headline numbers (the variant `register.variant` at its default score and the best
     other variant/score), results.md, that variant's ROC curve and every plot."""
     from mofe_ood import evaluate as stage
 
-    params = with_gpus(sections(base=base, train=train, finetune=finetune, evaluate=evaluate, register=register),
-                       train=train_gpus)
+    params = sections(base=base, train=train, finetune=finetune, evaluate=evaluate, register=register)
     all_metrics = stage.run(params, features.path, models.path, reports.path)
     import json
     from pathlib import Path

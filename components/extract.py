@@ -6,20 +6,16 @@ from typing import List
 
 from kfp.dsl import Dataset, Input, Output
 
-from components import component, sections, with_gpus
+from components import component, sections
 
 
 @component
-def extract(base: str, extract: str, gpus: int, prepared: Input[Dataset], features: Output[Dataset]):
-    """Features of every prepared split (`extract.shards: 1`: the plain DAG).
-
-    `gpus` > 0: the pod has GPUs, so the stage runs on CUDA and fails loudly where it cannot.
-    """
+def extract(base: str, extract: str, prepared: Input[Dataset], features: Output[Dataset]):
+    """Features of every prepared split (`extract.shards: 1`: the plain DAG); the pod has
+    `extract.gpus` GPUs, and `extract.device` says what runs on them, as under `dvc repro`."""
     from mofe_ood import extract as stage
 
-    params = with_gpus(sections(base=base, extract=extract), extract=gpus)
-    if int(gpus):
-        params["extract"]["device"] = "cuda"
+    params = sections(base=base, extract=extract)
     info = stage.run(params, prepared.path, features.path)
     features.metadata.update(backbone=info["backbone"], feature_dim=info["feature_dim"])
 
@@ -29,19 +25,15 @@ def shard_indices(extract: str) -> List[int]:
     """0 .. extract.shards - 1: the items the pipeline's ParallelFor runs `extract_shard` over."""
     from mofe_ood.extract import shard_count
 
-    # The count does not depend on the GPUs; the section only needs to be whole to be read.
-    return list(range(shard_count(with_gpus(sections(extract=extract), extract=0))))
+    return list(range(shard_count(sections(extract=extract))))
 
 
 @component
-def extract_shard(base: str, extract: str, gpus: int, prepared: Input[Dataset], shard: int,
-                  features: Output[Dataset]):
+def extract_shard(base: str, extract: str, prepared: Input[Dataset], shard: int, features: Output[Dataset]):
     """Features of shard `shard` (a run of whole batches) of every prepared split."""
     from mofe_ood import extract as stage
 
-    params = with_gpus(sections(base=base, extract=extract), extract=gpus)
-    if int(gpus):
-        params["extract"]["device"] = "cuda"
+    params = sections(base=base, extract=extract)
     stage.run_shard(params, prepared.path, features.path, int(shard))
 
 

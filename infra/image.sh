@@ -3,6 +3,8 @@
 #
 #   infra/image.sh build          build IMAGE:TAG (TAG = git short SHA, -dirty for a dirty tree); prints tag and size
 #   infra/image.sh tag            print the tag `build` gives (what pipeline.py puts in the IR)
+#   infra/image.sh push REGISTRY  push IMAGE:TAG as REGISTRY/<name>:TAG (host[:port]/path; make image-push);
+#                                 refuses a dirty tree's tag; prints the pushed name for kfp.image
 #   infra/image.sh engine         print the engine used (docker | podman), or say what to install
 #   infra/image.sh base           print the base image `build` uses, making the local Debian one if needed
 #   infra/image.sh api start|stop|status|env
@@ -55,8 +57,12 @@ tag() {
         die "$ROOT is not a git checkout: the image tag is the commit (set MOFE_IMAGE to name an image)"
     local sha
     sha="$(git -C "$ROOT" rev-parse --short=12 HEAD)"
-    # Dirty = tracked files differ from the commit: the image would not be that commit's code.
-    if [[ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no)" ]]; then sha="$sha-dirty"; fi
+    # Dirty = the image would not be that commit's code: tracked files differ from the commit, or
+    # files git does not track (and does not ignore) sit in the package the image copies.
+    if [[ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no)" ||
+          -n "$(git -C "$ROOT" status --porcelain --untracked-files=all -- mofe_ood)" ]]; then
+        sha="$sha-dirty"
+    fi
     echo "$sha"
 }
 
@@ -104,7 +110,7 @@ pip_setting() {
 }
 
 build() {
-    local eng base_image tag commit index links cert args=() dir
+    local eng base_image tag commit index links cert args=() dir secrets
     eng="$(engine)"
     base_image="$(base "$eng")"
     tag="$(tag)"
@@ -117,8 +123,13 @@ build() {
     index="$(pip_setting extra-index-url PIP_EXTRA_INDEX_URL)"
     links="$(pip_setting find-links PIP_FIND_LINKS)"
     cert="$(pip_setting cert PIP_CERT)"
-    [[ -n "$index" ]] && args+=(--build-arg "PIP_EXTRA_INDEX_URL=$index")
-    [[ -n "$links" ]] && args+=(--build-arg "PIP_FIND_LINKS=$links")
+    # Index URLs and wheel folders are build secrets, never build args: a URL can carry a token,
+    # and a build arg stays in the image's history. Each value goes through a mode-600 file that
+    # is removed when the build ends.
+    secrets="$(mktemp -d)"
+    trap 'rm -rf "${secrets:-}"' RETURN EXIT
+    [[ -n "$index" ]] && printf '%s' "$index" >"$secrets/pipindex" && args+=(--secret "id=pipindex,src=$secrets/pipindex")
+    [[ -n "$links" ]] && printf '%s' "$links" >"$secrets/piplinks" && args+=(--secret "id=piplinks,src=$secrets/piplinks")
     [[ -n "$cert" && -f "$cert" ]] && args+=(--secret "id=pipca,src=$cert")
     if [[ "$eng" == podman ]]; then
         for dir in $index $links; do
@@ -135,6 +146,25 @@ build() {
     size="$("$eng" image inspect "$IMAGE:$tag" --format '{{.Size}}')"
     say "built in $((SECONDS - start)) s"
     awk -v name="$IMAGE:$tag" -v size="$size" 'BEGIN { printf "%s\t%.2f GB\n", name, size / 1e9 }'
+}
+
+push() {
+    local registry="${1:-}" eng tag target tls=()
+    [[ -n "$registry" ]] || die "push: name the registry: infra/image.sh push host[:port]/path (make image-push REGISTRY=...)"
+    tag="$(tag)"
+    # A -dirty tag names no commit's code: a cluster must never run it (pipeline.py submit refuses it too).
+    [[ "$tag" != *-dirty ]] || die "push: the tree is dirty ($tag): commit, then make image and push"
+    eng="$(engine)"
+    has_image "$eng" "$IMAGE:$tag" || die "push: $IMAGE:$tag is not built here: make image first"
+    target="${registry%/}/${IMAGE##*/}:$tag"
+    # A registry on loopback (a workstation's distribution registry) speaks plain HTTP.
+    if [[ "$eng" == podman && ( "$registry" == localhost[:/]* || "$registry" == 127.0.0.1[:/]* ) ]]; then
+        tls=(--tls-verify=false)
+    fi
+    "$eng" tag "$IMAGE:$tag" "$target"
+    "$eng" push "${tls[@]}" "$target" >&2
+    say "pushed $target: set kfp.image: ${target%:*} (submit adds the tag)"
+    echo "$target"
 }
 
 api_alive() {
@@ -185,6 +215,7 @@ shift || true
 case "$cmd" in
     build) build ;;
     tag) tag ;;
+    push) push "$@" ;;
     engine) engine ;;
     base) base "$(engine)" ;;
     api) api "$@" ;;

@@ -78,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         if args.verbose:
             traceback.print_exc()
-        print(f"mofe {args.command}: error: {err}", file=sys.stderr)
+        from mofe_ood.images import escaped  # messages quote user paths: one line each, whatever their names
+
+        lines = getattr(err, "lines", None) or [err]  # an error listing problems: each escaped on its line
+        print(f"mofe {args.command}: error: " + "\n".join(map(escaped, lines)), file=sys.stderr)
         return 2
 
 
@@ -87,7 +90,11 @@ def command(args: argparse.Namespace) -> int:
     if args.command in USER_COMMANDS:
         return {"score": score, "promote": promote, "push-raw": push_raw, "validate": validate,
                 "params": show_params, "registry": registry}[args.command](args, params)
-    result = stages.get(args.command).load().run(params)
+    module = stages.get(args.command).load()
+    result = module.run(params)
+    if hasattr(module, "summary"):  # a stage whose result is too long for a terminal says it shorter
+        print(module.summary(result, params))
+        return 0
     summary = {k: v for k, v in (result or {}).items() if k != "splits"}
     if isinstance(result, dict) and "splits" in result:
         summary["splits"] = {k: v.get("count") for k, v in result["splits"].items()}
@@ -137,7 +144,7 @@ def score(args, params: dict) -> int:
 
     import torch
 
-    from mofe_ood.images import list_images
+    from mofe_ood.images import escaped, list_images
     from mofe_ood.serving.bundle import load_detector
     from mofe_ood.serving.detector import score_files
     from mofe_ood.serving.runtime import leave_cores_to
@@ -148,11 +155,11 @@ def score(args, params: dict) -> int:
     paths = list_images(args.paths)
     skipped = skipped_files(args.paths, paths)
     if not paths:
-        raise FileNotFoundError(f"no image files in {' '.join(args.paths)}" + (
+        raise FileNotFoundError(f"no image files in {' '.join(map(escaped, args.paths))}" + (
             f" ({len(skipped)} other files: {skip_reasons(skipped)})" if skipped else ""))
     version = registry_version(args.model)  # before the download: a wrong reference is one line
     detector = load_detector(args.model, params=params)
-    print(f"mofe score: model {model_named(args.model, version, detector)}", file=sys.stderr)
+    print(f"mofe score: model {escaped(model_named(args.model, version, detector))}", file=sys.stderr)
     threads = leave_cores_to(detector.session)
     loaded = time.perf_counter()
     fields = ["path", "class", "probability", "ood_score", "is_ood", "error"]
@@ -164,7 +171,7 @@ def score(args, params: dict) -> int:
 
         def emit(path, record: dict) -> None:
             if record["error"] is not None:
-                print(f"mofe score: {path}: {record['error']}", file=sys.stderr)
+                print(f"mofe score: {escaped(path)}: {record['error']}", file=sys.stderr)  # one line per file
             row = {"path": str(path), **record}
             if writer:
                 writer.writerow(row)
@@ -185,9 +192,9 @@ def score(args, params: dict) -> int:
           + (f" ({skip_reasons(skipped)}{'' if args.verbose else '; -v names them'})" if skipped else ""),
           file=sys.stderr)
     for path in skipped if args.verbose else ():
-        print(f"mofe score: skipped {path}: {skip_reason(path)}", file=sys.stderr)
+        print(f"mofe score: skipped {escaped(path)}: {skip_reason(path)}", file=sys.stderr)
     if args.out:
-        print(f"mofe score: wrote {scored + failed} rows ({', '.join(fields)}) to {args.out}", file=sys.stderr)
+        print(f"mofe score: wrote {scored + failed} rows ({', '.join(fields)}) to {escaped(args.out)}", file=sys.stderr)
     if args.stats:
         print(f"mofe score: {seconds:.2f} s, {scored / max(seconds, 1e-9):.1f} images/s "
               f"(model loaded in {loaded - started:.1f} s)", file=sys.stderr)

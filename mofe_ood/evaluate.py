@@ -164,6 +164,21 @@ def headline(all_metrics: dict, thresholds: dict, variant: str) -> dict[str, flo
     return out
 
 
+def summary(all_metrics: dict, params: dict) -> str:
+    """What `mofe evaluate` prints: each variant at the default score, in % (every score and
+    OOD set: reports/results.md; every number: reports/metrics.json)."""
+    default = config(params).default_score
+    lines = [f"{'variant':<16} {'score':<15} {'ID acc':>6} {'near AUROC':>10} {'near FPR95':>10} "
+             f"{'far AUROC':>9} {'far FPR95':>9}"]
+    for variant, entry in all_metrics.items():
+        score = default if default in entry else next(s for s in entry if s != "id_accuracy")
+        cells = [entry.get("id_accuracy"), *((entry[score].get(g) or {}).get(k)
+                                             for g in GROUPS for k in ("auroc", "fpr95"))]
+        text = [("-" if v is None else f"{100 * v:.1f}").rjust(w) for v, w in zip(cells, (6, 10, 10, 9, 9))]
+        lines.append(f"{variant:<16} {score:<15} " + " ".join(text))
+    return "\n".join(lines + ["all scores and OOD sets: reports/results.md"])
+
+
 def pooled_roc(reports_dir: str | Path, variant: str) -> dict[str, list[float]]:
     """ROC of `variant`'s default score, ID test against every OOD set pooled (ID positive)."""
     reports_dir = Path(reports_dir)
@@ -184,12 +199,43 @@ def plots_html(reports_dir: str | Path) -> str:
     import html
 
     reports_dir = Path(reports_dir)
-    parts = ["<html><head><meta charset='utf-8'><title>MoFE OOD evaluation</title></head><body>",
-             f"<pre>{html.escape((reports_dir / 'results.md').read_text())}</pre>"]
+    parts = ["<html><head><meta charset='utf-8'><title>MoFE OOD evaluation</title>"
+             "<style>table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}</style>"
+             "</head><body>", markdown_html((reports_dir / "results.md").read_text())]
     for png in sorted((reports_dir / "plots").glob("*.png")):
         data = base64.b64encode(png.read_bytes()).decode()
         parts.append(f"<h3>{html.escape(png.stem)}</h3><img src='data:image/png;base64,{data}'/>")
     return "\n".join(parts + ["</body></html>"])
+
+
+def markdown_html(text: str) -> str:
+    """The Markdown that results_table writes (headings, paragraphs, pipe tables, **bold**) as HTML,
+    so the KFP UI shows a table, not pipes (no Markdown package: this subset is all we write)."""
+    import html
+    import re
+
+    def inline(s: str) -> str:
+        return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(s.strip()))
+
+    out, table = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            cells = line.strip().strip("|").split("|")
+            if not all(set(c.strip()) <= set("-:") for c in cells):  # not the |---| rule
+                table.append(cells)
+            continue
+        if table:
+            head, *body = table
+            out.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>"
+                       + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>" for row in body)
+                       + "</table>")
+            table = []
+        if line.startswith("#"):
+            level = min(len(line) - len(line.lstrip("#")), 6)
+            out.append(f"<h{level}>{inline(line.lstrip('#'))}</h{level}>")
+        elif line.strip():
+            out.append(f"<p>{inline(line)}</p>")
+    return "\n".join(out)
 
 
 def results_table(all_metrics: dict, info: dict) -> str:

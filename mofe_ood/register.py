@@ -36,7 +36,7 @@ import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -187,8 +187,15 @@ def apply(client, name: str, version: str, decision: Decision, how: str) -> None
 
 def run(params: dict, models_dir: str | Path = "models", reports_dir: str | Path = "reports",
         features_dir: str | Path = "data/features", out: str | Path | None = None,
-        lineage: dict[str, str] | None = None) -> dict:
+        lineage: dict[str, str] | None = None, candidate_out: str | Path | None = None) -> dict:
     """Register `register.variant`; writes and returns {version, alias, reason, ...} (registration.json).
+
+    Also writes `candidate_out` (default reports/candidate.json): what was registered (variant,
+    score, gate value), without anything that depends on the registry (no version, run id or
+    alias), so its bytes are the same on every machine. It is the stage's DVC output: a fresh
+    clone lacks it, so its first `dvc repro` registers (a stage without outputs whose deps
+    match dvc.lock is skipped), and a second one, finding it unchanged, adds no version.
+    Written last: a failed registration leaves none, and the next `dvc repro` tries again.
 
     `lineage`: where the inputs came from when no dvc.lock says it (a Kubeflow run: its id,
     the input artifacts' URIs, the image); tagged on the MLflow run instead of the DVC hashes.
@@ -196,6 +203,7 @@ def run(params: dict, models_dir: str | Path = "models", reports_dir: str | Path
     p = config(params)
     models_dir, reports_dir, features_dir = Path(models_dir), Path(reports_dir), Path(features_dir)
     out = Path(out) if out is not None else reports_dir / "registration.json"
+    candidate_out = Path(candidate_out) if candidate_out is not None else reports_dir / "candidate.json"
     variant = p.variant
     metrics_all = _read_json(reports_dir / "metrics.json")
     thresholds = _read_json(reports_dir / "thresholds.json")
@@ -218,6 +226,11 @@ def run(params: dict, models_dir: str | Path = "models", reports_dir: str | Path
                            lineage)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    # From params and metrics.json alone: the bundle's content hash is left out, as its bank's
+    # float bits can change with the thread count (registration.json has it, and the version).
+    registered = {"model_name": p.model_name, **asdict(new)}
+    candidate_out.parent.mkdir(parents=True, exist_ok=True)
+    candidate_out.write_text(json.dumps(registered, indent=2) + "\n")
     return result
 
 

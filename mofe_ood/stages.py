@@ -17,8 +17,18 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import re
+
 from mofe_ood.config import section
 from mofe_ood.params import ParamError, check_number
+
+# The oldest Kubeflow Pipelines backend the compiled IR runs on: KFP 2.2.0 ships with Kubeflow 1.9.
+OLDEST_KFP_BACKEND = "2.2.0"
+
+
+def version(text: str) -> tuple[int, ...]:
+    """`2.4.1` as (2, 4, 1)."""
+    return tuple(int(n) for n in text.split("."))
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,9 @@ class Stage:
     sections: tuple[str, ...]   # the params sections its `run` reads (its component takes them)
     help: str
     pod: Resources
+    # "section.key": of that section (one of `sections`), only these keys are read (dvc.yaml lists
+    # them so); its component takes them as `section__key`, so KFP caches it on those keys alone.
+    partial: tuple[str, ...] = ()
 
     @property
     def module(self) -> str:
@@ -58,7 +71,8 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", ("base", "prepare", "evaluate"),
           "build the ID splits and OOD sets under data/prepared",
-          Resources(2, "8Gi", cache=True, storage=True, data=True)),  # raw data from S3 or the PVC
+          Resources(2, "8Gi", cache=True, storage=True, data=True),  # raw data from S3 or the PVC
+          partial=("evaluate.extra_ood",)),
     Stage("extract", ("base", "extract"),
           "frozen-backbone features under data/features",
           Resources(4, "16Gi", cache=True, data=True, gpus=True)),
@@ -107,12 +121,29 @@ class Kfp:
     data_pvc: str | None
     data_mount: str
     train_timeout: int
+    backend: str                    # the oldest KFP backend the IR must run on (kfpipe/backends.py)
+    mlflow_auth_secret: str | None  # Secret with MLFLOW_TRACKING_USERNAME / _PASSWORD (MLflow basic auth)
+    image_pull_secret: str | None   # a Secret every step pulls the image with
+    image_pull_policy: str | None   # Always | IfNotPresent | Never
 
     def __post_init__(self):
         for key in ("image", "pipeline_root", "data_mount"):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
                 raise ParamError(f"kfp.{key}: {getattr(self, key)!r} must be a non-empty string")
         check_number("kfp.train_timeout", self.train_timeout, low=1, integer=True)
+        if not (isinstance(self.backend, str) and re.fullmatch(r"\d+\.\d+\.\d+", self.backend)
+                and version(self.backend) >= version(OLDEST_KFP_BACKEND)):
+            raise ParamError(f"kfp.backend: {self.backend!r} must be a KFP backend version MAJOR.MINOR.PATCH, "
+                             f"{OLDEST_KFP_BACKEND} (Kubeflow 1.9) or newer")
+        if self.mlflow_auth_secret is not None and not (isinstance(self.mlflow_auth_secret, str)
+                                                        and self.mlflow_auth_secret):
+            raise ParamError(f"kfp.mlflow_auth_secret: {self.mlflow_auth_secret!r} must be a Secret's name or null")
+        if self.image_pull_secret is not None and not (isinstance(self.image_pull_secret, str)
+                                                       and self.image_pull_secret):
+            raise ParamError(f"kfp.image_pull_secret: {self.image_pull_secret!r} must be a Secret's name or null")
+        if self.image_pull_policy not in (None, "Always", "IfNotPresent", "Never"):
+            raise ParamError(f"kfp.image_pull_policy: {self.image_pull_policy!r} must be one of Always, "
+                             "IfNotPresent, Never or null")
         if not isinstance(self.gpu_node_selector, dict):
             raise ParamError(f"kfp.gpu_node_selector: {self.gpu_node_selector!r} must be a mapping")
         if not isinstance(self.gpu_tolerations, list) or not all(isinstance(t, dict) for t in self.gpu_tolerations):

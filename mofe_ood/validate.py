@@ -136,6 +136,15 @@ def set_back(params: dict, reference: dict, line: str) -> bool:
     return False
 
 
+class Problems(ParamError):
+    """Several problems, one line each: `lines` lets the CLI escape each line on its own (a
+    newline inside a value stays escaped, the lines between problems do not)."""
+
+    def __init__(self, found: list[str]):
+        self.lines = [f"{len(found)} problem(s) in the params:", *(f"  {line}" for line in found)]
+        super().__init__("\n".join(self.lines))
+
+
 def run(params: dict, reference: dict | None = None) -> dict:
     """Raise one ParamError listing every problem; return the sections checked.
 
@@ -143,5 +152,5 @@ def run(params: dict, reference: dict | None = None) -> dict:
     """
     found = problems(params, reference)
     if found:
-        raise ParamError(f"{len(found)} problem(s) in the params:\n  " + "\n  ".join(found))
+        raise Problems(found)
     return {"checked": sorted(params), "problems": 0}

@@ -10,21 +10,16 @@
 - `free_ports`, `clean_env`, `project_root`, `venv_bin`, `services_sh`: helpers and paths for
   tests that start servers and subprocesses.
 
+The servers themselves live in support modules: tests/servers.py (SeaweedFS, ports, a clean
+environment), tests/fake_kfp.py (a fake KFP API), tests/import_graph.py (the import parser).
+
 Other engineers' fixtures go at the very end of this file.
 """
 
 from __future__ import annotations
 
-import ast
-import os
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -32,111 +27,9 @@ import numpy as np
 import pytest
 
 from mofe_ood.params import load, merged
-
-ROOT = Path(__file__).resolve().parents[1]
-SERVICES = ROOT / "infra" / "services.sh"
-BIN = Path(sys.executable).parent
-
-# weed mini serves each of these on PORT and its gRPC twin on PORT + 10000.
-SEAWEEDFS_PORTS = ("S3_PORT", "SEAWEEDFS_MASTER_PORT", "SEAWEEDFS_VOLUME_PORT",
-                   "SEAWEEDFS_FILER_PORT", "SEAWEEDFS_ADMIN_PORT")
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port_pairs(n: int) -> list[int]:
-    """`n` ports p with p and p + 10000 both free (SeaweedFS's http + gRPC pairs)."""
-    rng = secrets.SystemRandom()
-    ports: list[int] = []
-    while len(ports) < n:
-        p = rng.randrange(20000, 55000)
-        if p not in ports and p + 10000 not in ports and port_free(p) and port_free(p + 10000):
-            ports.append(p)
-    return ports
-
-
-def clean_env(home: Path, **extra: str) -> dict[str, str]:
-    """A minimal environment for subprocesses: no inherited AWS/DVC/MLflow settings, no analytics."""
-    env = {
-        "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-        "HOME": str(home),  # keeps ~/.aws, ~/.gitconfig and DVC's global config out
-        "LANG": "C.UTF-8",
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-        "DVC_NO_ANALYTICS": "1",
-        "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
-        "HF_HUB_OFFLINE": "1",
-    }
-    env.update(extra)
-    return env
-
-
-@dataclass
-class SeaweedFS:
-    """A running SeaweedFS started by infra/services.sh; `env` drives the script and clients."""
-
-    state_dir: Path
-    home: Path
-    endpoint: str
-    bucket: str
-    access_key: str
-    secret_key: str
-    ports: dict[str, str]
-
-    @property
-    def env(self) -> dict[str, str]:
-        """What a pipeline step sees: credentials, endpoint, bucket (plus the script's ports)."""
-        return clean_env(
-            self.home, **self.ports,
-            SERVICES_DIR=str(self.state_dir), S3_ENV_FILE=str(self.state_dir / "s3.env"),
-            AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key,
-            S3_BUCKET=self.bucket, S3_ENDPOINT_URL=self.endpoint,
-            MLFLOW_S3_ENDPOINT_URL=self.endpoint,
-        )
-
-    def services(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(SERVICES), *args], env=self.env, capture_output=True,
-                              text=True, timeout=90, check=check)
-
-    @property
-    def pid(self) -> int | None:
-        try:
-            return int((self.state_dir / "seaweedfs.pid").read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-
-    def start(self) -> None:
-        self.services("start")
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash or an OOM kill would: no clean shutdown."""
-        pid = self.pid
-        assert pid, "SeaweedFS has no PID file"
-        os.kill(pid, signal.SIGKILL)
-        for _ in range(100):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
-
-    def client(self):
-        from mofe_ood.storage import S3Settings, s3_client
-
-        return s3_client(S3Settings(self.endpoint, self.bucket, self.access_key, self.secret_key))
-
-    def keys(self, prefix: str = "") -> list[str]:
-        paginator = self.client().get_paginator("list_objects_v2")
-        return [obj["Key"] for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix)
-                for obj in page.get("Contents", [])]
-
+from tests.import_graph import build_import_graph
+from tests.servers import (BIN, ROOT, SEAWEEDFS_PORTS, SERVICES, SeaweedFS, clean_env,  # noqa: F401 (test_storage)
+                           free_port_pairs)
 
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory) -> SeaweedFS:
@@ -281,45 +174,6 @@ def tiny_images(tiny_project) -> Callable[[str], np.ndarray]:
 # ------------------------------------------------------------------ the package's import graph
 
 PACKAGE = ROOT / "mofe_ood"
-
-
-def package_modules(package: Path) -> dict[str, Path]:
-    """Every module of `package` by dotted name (a package by its own name, from its __init__.py)."""
-    out = {}
-    for path in sorted(package.rglob("*.py")):
-        parts = path.relative_to(package.parent).with_suffix("").parts
-        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    return out
-
-
-def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """The modules of `modules` that module `name` imports, at the top or inside functions.
-
-    `from a import b` counts as a.b where a.b is a module, else as a; each package a module
-    sits in counts too (Python runs its __init__ first), except the top package.
-    """
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative: from the module's package up
-                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
-                base = ".".join([*anchor, *([base] if base else [])])
-            for alias in node.names:
-                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
-        elif isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-    with_parents = set()
-    for module in found:
-        parts = module.split(".")
-        with_parents |= {".".join(parts[:i]) for i in range(2, len(parts) + 1)}
-    return {m for m in with_parents if m in modules and m != name}
-
-
-def build_import_graph(package: Path) -> dict[str, set[str]]:
-    modules = package_modules(package)
-    return {name: imported_modules(name, path, modules) for name, path in modules.items()}
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 Slow (whole `dvc repro` runs, on the smallest run conftest.py's `small_run` gives).
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -49,6 +50,30 @@ def test_dvc_repro_runs_every_stage_then_nothing(clone):
     assert "up to date" in second
 
 
+def test_a_fresh_clone_of_a_committed_run_registers_a_champion_once(clone, tmp_path):
+    """The user's first `make run`: dvc.lock is committed and matches, yet register must run
+    (its registry-independent output is missing), and a second run adds no version."""
+    from mlflow import MlflowClient
+
+    sh("dvc", "repro", cwd=clone)
+    sh("git", "add", "dvc.lock", cwd=clone)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock", "--allow-empty", cwd=clone)
+    fresh = tmp_path / "fresh"
+    sh("git", "clone", "-q", str(clone), str(fresh), cwd=tmp_path)
+    first = sh("dvc", "repro", cwd=fresh)
+    assert "Running stage 'register'" in first
+    name = yaml.safe_load((fresh / "params.yaml").read_text())["register"]["model_name"]
+    client = MlflowClient(f"sqlite:///{fresh / 'mlflow.db'}")
+    champion = client.get_registered_model(name).aliases["champion"]
+    candidate = json.loads((fresh / "reports" / "candidate.json").read_text())
+    tags = client.get_model_version(name, champion).tags
+    assert (tags["variant"], float(tags["gate_value"])) == (candidate["variant"], candidate["gate_value"])
+    assert sh("git", "status", "--porcelain", cwd=fresh) == ""  # dvc.lock as committed
+    second = sh("dvc", "repro", cwd=fresh)
+    assert "Running stage" not in second
+    assert [v.version for v in client.search_model_versions(f"name = '{name}'")] == [champion]
+
+
 def test_a_param_change_reruns_only_what_depends_on_it(clone):
     sh("dvc", "repro", cwd=clone)
     params = yaml.safe_load((clone / "params.yaml").read_text())
@@ -59,8 +84,6 @@ def test_a_param_change_reruns_only_what_depends_on_it(clone):
 
 
 def stage_names(status_json: str) -> set[str]:
-    import json
-
     return {name.rpartition(":")[2] for name in json.loads(status_json or "{}")}
 
 
@@ -105,8 +128,6 @@ def test_an_experiment_registers_a_challenger_and_never_moves_champion(clone):
 
 
 def test_dvc_plots_draw_one_roc_curve_per_variant_and_ood_set(clone):
-    import json
-
     sh("dvc", "repro", cwd=clone)
     rendered = json.loads(sh("dvc", "plots", "show", "--json", cwd=clone))["data"]
     roc = {name for name in rendered if name.startswith("reports/roc/")}

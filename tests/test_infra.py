@@ -111,8 +111,10 @@ def test_every_reference_between_manifests_resolves():
 
 
 def test_mlflow_runs_from_the_component_image_as_non_root():
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    assert container(("Deployment", "mlflow"))["image"] in {i["name"] for i in kustomization["images"]}
+    from components import DEFAULT_IMAGE
+
+    # A placeholder the overlay renames (test_the_readme_overlay_builds_and_names_the_image).
+    assert container(("Deployment", "mlflow"))["image"] == DEFAULT_IMAGE
     security = all_objects()[("Deployment", "mlflow")]["spec"]["template"]["spec"]["securityContext"]
     assert security["runAsNonRoot"] and security["runAsUser"] != 0
 
@@ -167,3 +169,161 @@ def test_dockerignore_keeps_credentials_and_data_out_of_the_build_context():
 
 def test_services_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(ROOT / "infra" / "services.sh")], check=True)
+
+
+# ------------------------------------------------------------------ built manifests (kubectl kustomize)
+
+WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"}
+# Pod Security Standards, `restricted` (kubernetes.io/docs/concepts/security/pod-security-standards).
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret", "name"}
+
+
+def kustomize(folder: Path) -> list[dict]:
+    done = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def pod_specs(docs: list[dict]) -> dict[str, dict]:
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs if d["kind"] in WORKLOADS}
+    pods.update({d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Pod"})
+    return pods
+
+
+def restricted_violations(name: str, pod: dict) -> list[str]:
+    """What the Pod Security `restricted` profile refuses in `pod` (empty: admitted)."""
+    out = []
+    security = pod.get("securityContext", {})
+    for flag in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(flag):
+            out.append(f"{name}: {flag}")
+    out += [f"{name}: volume {v['name']} is not an allowed type" for v in pod.get("volumes", [])
+            if set(v) - RESTRICTED_VOLUMES]
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        own = c.get("securityContext", {})
+        where = f"{name}/{c['name']}"
+        if own.get("privileged"):
+            out.append(f"{where}: privileged")
+        if own.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{where}: allowPrivilegeEscalation must be false")
+        capabilities = own.get("capabilities", {})
+        if "ALL" not in capabilities.get("drop", []):
+            out.append(f"{where}: capabilities must drop ALL")
+        if set(capabilities.get("add", [])) - {"NET_BIND_SERVICE"}:
+            out.append(f"{where}: adds capabilities {capabilities['add']}")
+        if not own.get("runAsNonRoot", security.get("runAsNonRoot")):
+            out.append(f"{where}: runAsNonRoot must be true")
+        if own.get("runAsUser", security.get("runAsUser")) == 0:
+            out.append(f"{where}: runs as uid 0")
+        seccomp = own.get("seccompProfile", security.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{where}: seccompProfile must be RuntimeDefault or Localhost, not {seccomp}")
+    return out
+
+
+def readme_overlay(tmp_path: Path, components: bool = False) -> Path:
+    """infra/README.md's overlay, as a user writes it next to a checkout named mofe-ood."""
+    readme = (ROOT / "infra" / "README.md").read_text()
+    text = re.search(r"cat > kustomization\.yaml <<'EOF'\n(.*?)\nEOF\n", readme, re.S)[1]
+    text = text.replace("REGISTRY", "registry.example.org/team").replace("COMMIT_TAG", "0123456789ab")
+    if components:  # the README's basic-auth lines, uncommented
+        text = re.sub(r"^# (.*?)\s+# MLflow basic auth.*$", r"\1", text, flags=re.M)
+    (tmp_path / "mofe-ood" / "infra").mkdir(parents=True)
+    subprocess.run(["cp", "-r", str(K8S), str(tmp_path / "mofe-ood" / "infra" / "k8s")], check=True)
+    deploy = tmp_path / "mofe-deploy"
+    deploy.mkdir()
+    (deploy / "kustomization.yaml").write_text(text)
+    (deploy / "s3.env").write_text("AWS_ACCESS_KEY_ID=id-from-env-file\nAWS_SECRET_ACCESS_KEY=key-from-env-file\n")
+    (deploy / "mlflow-auth.env").write_text("MLFLOW_TRACKING_USERNAME=admin\n"
+                                            "MLFLOW_TRACKING_PASSWORD=pw-from-env-file\n")
+    return deploy
+
+
+def test_every_pod_meets_the_restricted_pod_security_profile(tmp_path):
+    for docs in (kustomize(K8S), kustomize(readme_overlay(tmp_path, components=True))):
+        pods = pod_specs(docs)
+        assert {"mlflow", "seaweedfs"} <= set(pods)
+        assert [v for name, pod in pods.items() for v in restricted_violations(name, pod)] == []
+        (namespace,) = [d for d in docs if d["kind"] == "Namespace"]
+        assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+        for doc in docs:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    # The check itself refuses what the profile refuses.
+    bad = {"containers": [{"name": "c", "securityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}}],
+           "volumes": [{"name": "h", "hostPath": {"path": "/"}}]}
+    assert len(restricted_violations("bad", bad)) == 6
+
+
+def test_mlflow_is_reachable_only_from_pipeline_pods():
+    docs = kustomize(K8S)
+    mlflow = pod_specs(docs)["mlflow"]
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"
+                and d["spec"]["podSelector"]["matchLabels"].items() <= labels.items()]
+    assert policies and mlflow
+    for policy in policies:
+        assert "Ingress" in policy["spec"]["policyTypes"]
+        for rule in policy["spec"]["ingress"]:
+            assert rule.get("from"), "a rule without `from` admits every pod"
+            for peer in rule["from"]:
+                # Only pods of a Kubeflow Pipelines run (every backend labels them pipeline/runid).
+                assert "ipBlock" not in peer
+                assert {"key": "pipeline/runid", "operator": "Exists"} in peer["podSelector"]["matchExpressions"]
+            assert [p["port"] for p in rule["ports"]] == [5000]
+
+
+def test_the_readme_overlay_builds_and_names_the_image(tmp_path):
+    docs = kustomize(readme_overlay(tmp_path))
+    images = {c["image"] for pod in pod_specs(docs).values() for c in pod["containers"]}
+    assert images == {"registry.example.org/team/mofe-ood:0123456789ab", "chrislusf/seaweedfs:4.48"}
+    (secret,) = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "mofe-ood-s3"]
+    assert "REPLACE_ME" not in str(secret)  # replaced by the overlay's s3.env
+
+
+def test_mlflow_basic_auth_takes_its_admin_from_a_secret(tmp_path):
+    docs = kustomize(readme_overlay(tmp_path, components=True))
+    (mlflow,) = pod_specs(docs)["mlflow"]["containers"]
+    assert "--app-name=basic-auth" in mlflow["args"]
+    env = {e["name"]: e for e in mlflow["env"]}
+    for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "mofe-ood-mlflow-auth"
+    (secret,) = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "mofe-ood-mlflow-auth"]
+    assert "REPLACE_ME" not in str(secret)
+    (config,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "mlflow-auth-config"]
+    ini = config["data"]["basic_auth.ini"]
+    assert "database_uri = sqlite:////mlflow/basic_auth.db" in ini  # on the volume: users survive restarts
+    mount = env["MLFLOW_AUTH_CONFIG_PATH"]["value"]
+    assert any(mount.startswith(m["mountPath"]) for m in mlflow["volumeMounts"])
+
+
+def test_index_urls_reach_the_build_as_secrets_never_as_args():
+    """An index URL can carry a token; a build arg stays in the image history."""
+    args = [arg for op, arg in dockerfile_instructions() if op == "ARG"]
+    assert not [a for a in args if re.search(r"INDEX|LINKS|URL|TOKEN|PASSWORD", a)], args
+    runs = " ".join(arg for op, arg in dockerfile_instructions() if op == "RUN")
+    for secret in ("pipindex", "piplinks", "pipca"):
+        assert f"--mount=type=secret,id={secret}" in runs
+    script = (ROOT / "infra" / "image.sh").read_text()
+    assert not re.search(r"--build-arg \"?PIP_", script)
+    assert "id=pipindex,src=" in script and "id=piplinks,src=" in script
+
+
+def test_image_push_names_a_registry_and_refuses_a_dirty_tree(tmp_path):
+    """make image-push: a -dirty tag names no commit's code, so it never reaches a registry."""
+    repo = tmp_path / "repo"
+    (repo / "infra").mkdir(parents=True)
+    subprocess.run(["cp", str(ROOT / "infra" / "image.sh"), str(repo / "infra")], check=True)
+    git = ["git", "-C", str(repo), "-c", "user.email=t@localhost", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "one"], check=True)
+    push = ["bash", str(repo / "infra" / "image.sh"), "push"]
+    done = subprocess.run(push, capture_output=True, text=True)
+    assert done.returncode == 1 and "name the registry" in done.stderr
+    (repo / "infra" / "image.sh").write_text((repo / "infra" / "image.sh").read_text() + "\n")
+    done = subprocess.run([*push, "localhost:5000/team"], capture_output=True, text=True)
+    assert done.returncode == 1 and "the tree is dirty" in done.stderr and "-dirty" in done.stderr
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^image-push:\n\tinfra/image\.sh push \$\(REGISTRY\)$", makefile, re.M)

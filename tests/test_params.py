@@ -110,5 +110,5 @@ def test_mofe_validate_names_each_bad_value_of_one_section_on_its_own_line(capsy
         "train.lrr: not a known key (did you mean train.lr?)",
         "train.mofe.router: 'sideways' is not one of 'hard', 'soft'"])
     # a key with no close match lists what is allowed, once
-    (line,) = validate.problems(merged(load(ROOT / "params.yaml"), {"serve": {"zzz": 1}}))
-    assert line == "serve.zzz: not a known key (known: max_pixels, max_rows, runtime)"
+    (line,) = validate.problems(merged(load(ROOT / "params.yaml"), {"base": {"zzz": 1}}))
+    assert line == "base.zzz: not a known key (known: seed)"

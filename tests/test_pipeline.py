@@ -4,9 +4,7 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -56,9 +54,9 @@ def ir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ir_gpu(tmp_path_factory):
-    """Fine-tuning on 2 GPUs, extraction on 1, GPU nodes picked by a label."""
+    """Fine-tuning on 2 GPUs, extraction on 1, GPU nodes picked by a label, on a backend >= 2.3.0."""
     return compiled(tmp_path_factory, "finetune.enabled=true", "train.gpus=2", "extract.gpus=1",
-                    "kfp.gpu_node_selector={gpu: h200}")
+                    "kfp.gpu_node_selector={gpu: h200}", "kfp.backend=2.3.0")
 
 
 def executors(spec: dict, platform: dict) -> tuple[dict, dict]:
@@ -73,17 +71,17 @@ def test_ir_parses_as_kfp_protobufs_and_compiles_quickly(ir):
     json_format.ParseDict(platform, PlatformSpec())
     assert parsed.pipeline_info.name == "mofe-ood"
     assert parsed.default_pipeline_root == "s3://mofe-ood/kfp"
-    # Defaults are params.yaml's sections, nulls and ints as written; the GPU counts are ints
-    # of their own, taken out of their sections.
+    # Defaults are params.yaml's sections as written (nulls and ints, the GPU counts included),
+    # and prepare's one key of evaluate: nothing rewritten.
     inputs = spec["root"]["inputDefinitions"]["parameters"]
     params = load(ROOT / "params.yaml")
-    for section in ("base", "evaluate", "train", "extract"):
-        expected = {k: v for k, v in params[section].items() if k != "gpus"}
-        assert json.loads(inputs[section]["defaultValue"]) == expected
-    assert inputs["extract_gpus"]["parameterType"] == "NUMBER_INTEGER"
-    assert inputs["train_gpus"]["defaultValue"] == params["train"]["gpus"] == 0
-    # A container has no host folder: Fashion-MNIST comes from S3 (mofe push-raw).
-    assert json.loads(inputs["prepare"]["defaultValue"])["fashion_mnist_dir"].startswith("s3://")
+    for section in stages.sections():
+        assert json.loads(inputs[section]["defaultValue"]) == params[section], section
+    assert json.loads(inputs["evaluate__extra_ood"]["defaultValue"]) == params["evaluate"]["extra_ood"]
+    assert set(inputs) == {*stages.sections(), "evaluate__extra_ood"}
+    # A container has no host folder: Fashion-MNIST comes from S3 (mofe push-raw), said by env.
+    env = {e["name"]: e["value"] for e in spec["deploymentSpec"]["executors"]["exec-prepare"]["container"]["env"]}
+    assert env["FASHION_MNIST_DIR"].startswith("s3://") and env["MOFE_IMAGE"] == IMAGE
 
 
 def _upstream(tasks: dict, name: str) -> set:
@@ -148,14 +146,12 @@ def test_ir_asks_for_gpus_where_params_say(ir_gpu):
     _, spec, platform, _ = ir_gpu
     specs, k8s = executors(spec, platform)
     inputs = spec["root"]["inputDefinitions"]["parameters"]
-    assert inputs["train_gpus"]["defaultValue"] == 2 and inputs["extract_gpus"]["defaultValue"] == 1
-    for name, count in (("train", "train_gpus"), ("extract", "extract_gpus")):
+    assert json.loads(inputs["train"]["defaultValue"])["gpus"] == 2
+    for name, count in (("train", 2), ("extract", 1)):
         gpu = specs[f"exec-{name}"]["container"]["resources"]["accelerator"]
-        # The limit is the integer pipeline parameter: the UI can change the count per run.
-        assert gpu["resourceType"] == "nvidia.com/gpu"
-        assert gpu["resourceCount"] == f"{{{{$.inputs.parameters['pipelinechannel--{count}']}}}}"
-        task = spec["root"]["dag"]["tasks"][name]
-        assert task["inputs"]["parameters"]["gpus"]["componentInputParameter"] == count
+        # A literal limit, from the section (backends before 2.4.0 read no parameter there);
+        # the validate step refuses a run whose section says another count.
+        assert gpu["type"] == "nvidia.com/gpu" and gpu["count"] == str(count)
         assert k8s[f"exec-{name}"]["tolerations"][0]["key"] == "nvidia.com/gpu"
         assert k8s[f"exec-{name}"]["nodeSelector"]["labels"] == {"gpu": "h200"}
         (shm,) = k8s[f"exec-{name}"]["emptyDirMounts"]
@@ -167,7 +163,7 @@ def test_ir_asks_for_gpus_where_params_say(ir_gpu):
 def test_two_commits_give_two_image_tags(tmp_path):
     """The image is tagged with the commit, so KFP's cache (image + arguments) cannot serve old code."""
     repo = tmp_path / "repo"
-    for path in ("pipeline.py", "params.yaml", "components", "infra/image.sh"):
+    for path in ("pipeline.py", "params.yaml", "components", "kfpipe", "infra/image.sh"):
         target = repo / path
         target.parent.mkdir(parents=True, exist_ok=True)
         copy = ["cp", "-r"] if (ROOT / path).is_dir() else ["cp"]
@@ -190,6 +186,14 @@ def test_two_commits_give_two_image_tags(tmp_path):
         assert image == f"mofe-ood:{sha.strip()}"
         tags.append(image)
     assert tags[0] != tags[1]
+    # A file git does not track, in the package the image copies: not that commit's code.
+    tag = ["bash", str(repo / "infra" / "image.sh"), "tag"]
+    (repo / "mofe_ood").mkdir()
+    (repo / "mofe_ood" / "new.py").write_text("")
+    assert subprocess.run(tag, capture_output=True, text=True).stdout.strip().endswith("-dirty")
+    (repo / "mofe_ood" / "new.py").unlink()
+    (repo / "notes.txt").write_text("")  # outside the package: not in the image
+    assert not subprocess.run(tag, capture_output=True, text=True).stdout.strip().endswith("-dirty")
 
 
 def test_ir_caches_and_retries_where_it_is_safe(ir):
@@ -197,6 +201,13 @@ def test_ir_caches_and_retries_where_it_is_safe(ir):
     tasks = dict(spec["root"]["dag"]["tasks"])
     cached = {name for name, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
     assert cached == {"prepare", "extract"}
+    # Retries need a backend >= 2.4.1: not in the default IR (kfp.backend 2.2.0).
+    assert not [name for name, t in tasks.items() if "retryPolicy" in t]
+
+
+def test_ir_retries_where_it_is_safe_when_the_backend_can(tmp_path_factory):
+    _, spec, _, _ = compiled(tmp_path_factory, "kfp.backend=2.4.1")
+    tasks = dict(spec["root"]["dag"]["tasks"])
     # Every step rewrites its own outputs (register: same content = same version): retry all
     # but validate, whose verdict a retry cannot change.
     assert {name for name, t in tasks.items() if "retryPolicy" not in t} == {"validate"}
@@ -210,7 +221,8 @@ def test_ir_names_secrets_but_holds_no_secret_value(ir):
     _, k8s = executors(spec, platform)
     assert sorted(name for name, e in k8s.items() if "secretAsEnv" in e) == ["exec-prepare", "exec-register"]
     (secret,) = k8s["exec-register"]["secretAsEnv"]
-    assert secret["secretName"] == "mofe-ood-s3"
+    # The older form only (secretName): 2.2.0-2.4.0 drivers fail a step on secretNameParameter.
+    assert secret["secretName"] == "mofe-ood-s3" and "secretNameParameter" not in secret
     assert {m["envVar"] for m in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     (config,) = k8s["exec-register"]["configMapAsEnv"]
     assert config["configMapName"] == "mofe-ood-storage"
@@ -223,16 +235,19 @@ def test_ir_mounts_the_data_pvc_where_images_are_read(tmp_path_factory):
     _, spec, platform, _ = compiled(tmp_path_factory, "kfp.data_pvc=imagenet", "kfp.data_mount=/mnt/in")
     _, k8s = executors(spec, platform)
     mounted = {name for name, e in k8s.items() for m in e.get("pvcMount", [])
-               if m.get("constant") == "imagenet" or m.get("pvcNameParameter", {}).get("runtimeValue", {})
-               .get("constant") == "imagenet"}
+               if m == {"constant": "imagenet", "mountPath": "/mnt/in"}}
     assert mounted == {"exec-prepare", "exec-extract", "exec-train"}
 
 
-def test_register_gets_the_kfp_run_id_and_image(ir):
-    _, spec, _, _ = ir
-    inputs = spec["root"]["dag"]["tasks"]["register"]["inputs"]["parameters"]
-    assert inputs["kfp_run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
-    assert inputs["image"]["runtimeValue"]["constant"] == IMAGE
+def test_register_gets_the_kfp_run_id_and_image_as_env(ir):
+    """Lineage, not inputs: the pod's `pipeline/runid` label (every backend from 2.2.0 sets it)."""
+    _, spec, platform, _ = ir
+    _, k8s = executors(spec, platform)
+    run_id = {"name": "KFP_RUN_ID", "fieldPath": "metadata.labels['pipeline/runid']"}
+    assert run_id in k8s["exec-register"]["fieldPathAsEnv"]
+    env = {e["name"]: e["value"] for e in spec["deploymentSpec"]["executors"]["exec-register"]["container"]["env"]}
+    assert env["MOFE_IMAGE"] == IMAGE
+    assert "{{$.pipeline_job" not in json.dumps(spec)  # job placeholders need a 2.5.0 backend
 
 
 def test_components_take_the_sections_of_the_stage_table(ir):
@@ -241,7 +256,70 @@ def test_components_take_the_sections_of_the_stage_table(ir):
     _, spec, _, _ = ir
     for stage in stages.STAGES:
         inputs = spec["components"][f"comp-{stage.name}"]["inputDefinitions"]["parameters"]
-        assert set(inputs) & set(stages.sections()) == set(stage.sections), stage.name
+        partial = {read.split(".")[0] for read in stage.partial}
+        expected = {*(set(stage.sections) - partial), *(r.replace(".", "__") for r in stage.partial)}
+        assert set(inputs) == expected, stage.name
+    # validate reads every pipeline parameter (and the compiled params): none escapes its check
+    validate = spec["components"]["comp-validate"]["inputDefinitions"]["parameters"]
+    assert set(validate) == {*spec["root"]["inputDefinitions"]["parameters"], "reference"}
+
+
+def stage_inputs(params: dict, out: Path) -> dict[str, dict]:
+    """Each stage's parameter inputs in the IR of `params`, resolved to values (what KFP caches
+    a step on and what the step reads)."""
+    import pipeline
+
+    spec = next(yaml.safe_load_all(pipeline.compile_ir(params, out).read_text()))
+    defaults = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
+    tasks = spec["root"]["dag"]["tasks"]
+    return {name: {key: defaults[value["componentInputParameter"]] if "componentInputParameter" in value
+                   else value["runtimeValue"]["constant"]
+                   for key, value in tasks[name]["inputs"].get("parameters", {}).items()}
+            for name in STAGES}
+
+
+def changed(key: str, value):
+    """Another value of the same kind (validity aside: the check is patched out below)."""
+    # Values the Kfp config checks even with validation patched out: another valid one.
+    if key == "kfp.backend":
+        return "2.14.0"
+    if key == "kfp.image_pull_policy":
+        return "Always"
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "-x"
+    if isinstance(value, list):
+        return value + value[:1] if value else ["x"]
+    if isinstance(value, dict):
+        return {**value, "x": "y"}
+    return "x"  # null
+
+
+def test_a_key_changes_the_inputs_of_exactly_the_stages_that_read_it(tmp_path, monkeypatch):
+    """One cache rule for KFP and DVC: an evaluate.* key changes the inputs of evaluate and
+    register only (and of prepare, for the keys it reads: Stage.partial); a kfp.* key shapes
+    the pods and changes no stage's inputs."""
+
+    monkeypatch.setenv("MOFE_IMAGE", IMAGE)
+    monkeypatch.delenv("MOFE_PIPELINE_ROOT", raising=False)
+    monkeypatch.setattr("mofe_ood.validate.run", lambda *args, **kwargs: None)  # wiring, not values
+    monkeypatch.setattr("kfpipe.pods.image_tag", lambda: "test")
+    params = load(ROOT / "params.yaml")
+    base = stage_inputs(params, tmp_path / "base.yaml")
+    partial = {read: stage.name for stage in stages.STAGES for read in stage.partial}
+    for section, readers in (("evaluate", {"evaluate", "register"}), ("kfp", set())):
+        for key, value in params[section].items():
+            other = stage_inputs(merged(params, {section: {key: changed(f"{section}.{key}", value)}}),
+                                 tmp_path / f"{section}.{key}.yaml")
+            expected = readers | ({partial[f"{section}.{key}"]} if f"{section}.{key}" in partial else set())
+            assert {name for name in STAGES if other[name] != base[name]} == expected, f"{section}.{key}"
+    if "kfp" in params:  # the image reaches no input either, with MOFE_IMAGE out of the way
+        monkeypatch.delenv("MOFE_IMAGE")
+        other = stage_inputs(merged(params, {"kfp": {"image": "elsewhere/mofe-ood"}}), tmp_path / "image.yaml")
+        assert other == base
 
 
 def test_pods_are_the_stage_tables(ir):
@@ -362,120 +440,14 @@ def test_local_run_registers_the_model(local_run):
     params, run, _ = local_run
     registration = json.loads((run / "register" / "registration").read_text())
     assert registration["version"] == 1 and registration["model_name"] == params["register"]["model_name"]
+    # Lineage as env, not inputs: the local run's id (a cluster's: the pod label pipeline/runid).
+    import mlflow
+
+    tags = mlflow.MlflowClient(f"sqlite:///{run.parents[1]}/mlflow.db").get_run(registration["run_id"]).data.tags
+    assert tags["kfp_run_id"].startswith("local-")
 
 
-# ------------------------------------------------------------------ submit to a KFP endpoint
-
-
-class StubKFP(BaseHTTPRequestHandler):
-    """The KFP v2beta1 API calls `kfp.Client` makes to upload a pipeline version and start a run."""
-
-    requests: list = []
-    version = "2.14.3"  # what healthz says (tag_name)
-    versions: list = []  # pipeline versions uploaded so far
-
-    def _reply(self, body: dict, status: int = 200):
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):
-        self.requests.append(("GET", self.path, None))
-        if self.path.startswith(("/apis/v2beta1/healthz", "/apis/v1beta1/healthz")):
-            return self._reply({"multi_user": False, "tag_name": self.version})
-        if self.path.startswith("/apis/v2beta1/experiments"):
-            return self._reply({"experiments": [], "total_size": 0})
-        if self.path.startswith("/apis/v2beta1/pipelines/pipe-1/versions"):
-            return self._reply({"pipeline_versions": self.versions, "total_size": len(self.versions)})
-        if self.path.startswith("/apis/v2beta1/pipelines"):
-            found = [{"pipeline_id": "pipe-1", "display_name": "mofe-ood"}] if self.versions else []
-            return self._reply({"pipelines": found, "total_size": len(found)})
-        self._reply({"error": "not found"}, 404)
-
-    def do_POST(self):
-        raw = self.rfile.read(int(self.headers["Content-Length"]))
-        if self.headers.get("Content-Type", "").startswith("multipart"):  # an uploaded pipeline file
-            body = {"yaml": raw.decode(errors="replace")}
-        else:
-            body = json.loads(raw or b"{}")
-        self.requests.append(("POST", self.path.split("?")[0], body))
-        if self.path == "/apis/v2beta1/experiments":
-            return self._reply({"experiment_id": "exp-1", "display_name": body["display_name"]})
-        if self.path.startswith("/apis/v2beta1/pipelines/upload_version"):
-            name = self.path.split("name=")[1].split("&")[0]
-            version = {"pipeline_id": "pipe-1", "pipeline_version_id": f"ver-{len(self.versions) + 1}",
-                       "display_name": name}
-            self.versions.append(version)
-            return self._reply(version)
-        if self.path.startswith("/apis/v2beta1/pipelines/upload"):
-            self.versions.append({"pipeline_id": "pipe-1", "pipeline_version_id": "ver-0",
-                                  "display_name": "mofe-ood"})
-            return self._reply({"pipeline_id": "pipe-1", "display_name": "mofe-ood"})
-        if self.path == "/apis/v2beta1/runs":
-            return self._reply({"run_id": f"run-{len(self.requests)}", "experiment_id": body["experiment_id"],
-                                "display_name": body["display_name"], "state": "PENDING"})
-        self._reply({"error": "not found"}, 404)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def stub_kfp():
-    StubKFP.requests = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StubKFP)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    stop = threading.Timer(120, server.shutdown)  # bounded even if the test hangs
-    stop.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", StubKFP.requests
-    stop.cancel()
-    server.shutdown()
-    server.server_close()
-
-
-def test_submit_uploads_a_version_named_by_the_commit_and_runs_it(stub_kfp, tmp_path):
-    host, requests = stub_kfp
-    StubKFP.versions = []
-    for _ in range(2):  # the same commit twice: one pipeline version, two runs of it
-        done = pipeline_py("submit", "--host", host, "--experiment", "mofe-test",
-                           "--set", "base.seed=7", "--set", "extract.shards=4",
-                           env={"HOME": str(tmp_path)}, timeout=120)
-        assert done.stdout.strip().splitlines()[-1].startswith("run-")
-    posts = [(path, body) for method, path, body in requests if method == "POST"]
-    uploads = [body["yaml"] for path, body in posts if path == "/apis/v2beta1/pipelines/upload_version"]
-    assert len(uploads) == 1 and IMAGE in uploads[0] and FAKE_SECRET not in uploads[0]
-    version = StubKFP.versions[-1]
-    assert version["display_name"] == "mofe-ood-" + IMAGE.rsplit(":", 1)[1]
-    runs = [body for path, body in posts if path == "/apis/v2beta1/runs"]
-    assert len(runs) == 2
-    for run in runs:
-        assert run["experiment_id"] == "exp-1"
-        assert run["pipeline_version_reference"] == {"pipeline_id": "pipe-1",
-                                                     "pipeline_version_id": version["pipeline_version_id"]}
-        arguments = run["runtime_config"]["parameters"]
-        assert json.loads(arguments["base"]) == {"seed": 7} and json.loads(arguments["extract"])["shards"] == 4
-        assert arguments["train_gpus"] == 0
-        assert json.loads(arguments["prepare"]) == {**load(ROOT / "params.yaml")["prepare"],
-                                                    "fashion_mnist_dir": "s3://mofe-ood/raw/fashion-mnist"}
-    assert FAKE_SECRET not in json.dumps(requests)
-
-
-def test_submit_of_shards_refuses_a_too_old_server_before_uploading(stub_kfp, tmp_path):
-    host, requests = stub_kfp
-    StubKFP.version = "2.3.0"
-    try:
-        done = subprocess.run([sys.executable, "pipeline.py", "submit", "--host", host,
-                               "--set", "extract.shards=4"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=120, env={**os.environ, "MOFE_IMAGE": IMAGE, "HOME": str(tmp_path)})
-    finally:
-        StubKFP.version = "2.14.3"
-    assert done.returncode == 2
-    assert "backend >= 2.5.0" in done.stderr and "runs 2.3.0" in done.stderr
-    assert "extract.shards: 1" in done.stderr
-    assert not [r for r in requests if r[0] == "POST"]
+# ------------------------------------------------------------------ the validate step
 
 
 def test_the_validate_step_names_every_bad_key_of_a_run(tmp_path):
@@ -486,13 +458,21 @@ def test_the_validate_step_names_every_bad_key_of_a_run(tmp_path):
     import pipeline
 
     params = load(ROOT / "params.yaml")
-    arguments = pipeline.arguments(params, "cluster")
+    arguments = pipeline.arguments(params)
     validate.python_func(**arguments, reference=json.dumps(params))
     bad = {**arguments, "register": json.dumps({**params["register"], "modle_name": "x"}),
-           "train": json.dumps({**params["train"], "epochs": -1}), "extract_gpus": -2}
+           "train": json.dumps({**params["train"], "epochs": -1}),
+           "extract": json.dumps({**params["extract"], "gpus": -2})}
     with pytest.raises(ParamError) as err:
         validate.python_func(**bad, reference=json.dumps(params))
     message = str(err.value)
     assert "3 problem(s)" in message
     assert "register.modle_name: not a known key (did you mean register.model_name?)" in message
     assert "train.epochs: -1 is below the minimum 1" in message and "extract.gpus: -2" in message
+    # What a run cannot change: the GPU count compiled into the pods, and one key given twice.
+    other = {**arguments, "train": json.dumps({**params["train"], "gpus": 1}), "evaluate__extra_ood": '{"x": 1}'}
+    with pytest.raises(ParamError) as err:
+        validate.python_func(**other, reference=json.dumps(params))
+    message = str(err.value)
+    assert "train.gpus: 1, but the pipeline was compiled with 0" in message and "--set train.gpus=1" in message
+    assert "evaluate__extra_ood: {\"x\": 1} differs from evaluate.extra_ood: {}" in message
