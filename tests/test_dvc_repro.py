@@ -21,7 +21,9 @@ pytestmark = pytest.mark.slow
 def sh(*cmd, cwd):
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", HF_HUB_OFFLINE="1")
     env.pop("MLFLOW_TRACKING_URI", None)  # the clone's own embedded registry
-    return subprocess.run(cmd, cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(cmd)}: exit {done.returncode}\n{done.stderr[-3000:]}"
+    return done.stdout
 
 
 @pytest.fixture(scope="module")
