@@ -12,7 +12,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run test test-fast lint fashion-mnist services services-down image image-push lock clean
+.PHONY: setup run test test-fast lint fashion-mnist services services-down image image-push lock clean plots-template
 
 setup: $(VENV)/.installed fashion-mnist
 
@@ -76,5 +76,11 @@ services-down:
 	infra/image.sh api stop
 	infra/services.sh stop
 
+# reports/headline.json stays: it is committed (DVC's metrics, read from git for every commit).
 clean:
-	rm -rf data models reports *.tmp kfp_local pipeline.yaml
+	rm -rf data models *.tmp kfp_local pipeline.yaml $(filter-out reports/headline.json,$(wildcard reports/*))
+
+# The page `dvc plots show` writes, with vega inline so it draws offline (infra/plots/build_template.py).
+# Committed: run only to change a pinned version. Needs npm and the npm registry.
+plots-template:
+	$(PY) infra/plots/build_template.py

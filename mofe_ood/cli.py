@@ -29,6 +29,7 @@ USER_ERRORS = (UserError, FileNotFoundError, ConnectionError)
 USER_COMMANDS = {
     "score": "classify images and flag OOD ones (one JSON line per image, or CSV with --out)",
     "promote": "move the registry's `champion` alias to a model version (same gate as register)",
+    "registry": "list the registered model's versions: aliases, gate value, decision and reason, run, commit",
     "validate": "check every params section at once, naming every bad key (the Kubeflow run's first step)",
     "params": "print the params a run would use (a preset merged onto params.yaml, plus --set) as YAML",
     "push-raw": "copy raw data to S3 for container steps (default: Fashion-MNIST's files to "
@@ -77,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         if args.verbose:
             traceback.print_exc()
-        print(f"mofe {args.command}: error: {err}", file=sys.stderr)
+        from mofe_ood.images import escaped  # messages quote user paths: one line each, whatever their names
+
+        lines = getattr(err, "lines", None) or [err]  # an error listing problems: each escaped on its line
+        print(f"mofe {args.command}: error: " + "\n".join(map(escaped, lines)), file=sys.stderr)
         return 2
 
 
@@ -85,7 +89,7 @@ def command(args: argparse.Namespace) -> int:
     params = merged(load_params(args.params, args.command), parse_set(args.set))
     if args.command in USER_COMMANDS:
         return {"score": score, "promote": promote, "push-raw": push_raw, "validate": validate,
-                "params": show_params}[args.command](args, params)
+                "params": show_params, "registry": registry}[args.command](args, params)
     module = stages.get(args.command).load()
     result = module.run(params)
     if hasattr(module, "summary"):  # a stage whose result is too long for a terminal says it shorter
@@ -99,8 +103,8 @@ def command(args: argparse.Namespace) -> int:
 
 
 def load_params(path: str, command: str) -> dict:
-    """The params file; `mofe score` also runs outside a project, without one."""
-    if command == "score" and path == "params.yaml" and not Path(path).is_file():
+    """The params file; `mofe score` and `mofe registry` also run outside a project, without one."""
+    if command in ("score", "registry") and path == "params.yaml" and not Path(path).is_file():
         return {}
     return load(path)
 
@@ -122,6 +126,9 @@ def add_user_commands(commands) -> None:
             sub.add_argument("--src", help="a file or folder (default: Fashion-MNIST's folder, "
                                            "prepare.fashion_mnist_dir or $FASHION_MNIST_DIR)")
             sub.add_argument("--to", help="s3://BUCKET/PREFIX (default: s3://$S3_BUCKET/raw/fashion-mnist)")
+        elif name == "registry":
+            sub.add_argument("--name", help="registered model (default: register.model_name, else mofe-ood)")
+            sub.add_argument("--json", action="store_true", help="one JSON list of versions instead of a table")
         elif name == "promote":
             sub.add_argument("--version", required=True, type=int, help="model version to promote")
             sub.add_argument("--force", action="store_true", help="promote even if the gate says no")
@@ -137,7 +144,7 @@ def score(args, params: dict) -> int:
 
     import torch
 
-    from mofe_ood.images import list_images
+    from mofe_ood.images import escaped, list_images
     from mofe_ood.serving.bundle import load_detector
     from mofe_ood.serving.detector import score_files
     from mofe_ood.serving.runtime import leave_cores_to
@@ -146,9 +153,13 @@ def score(args, params: dict) -> int:
         raise UserError(f"--batch-size: {args.batch_size} must be >= 1")
     started = time.perf_counter()
     paths = list_images(args.paths)
+    skipped = skipped_files(args.paths, paths)
     if not paths:
-        raise FileNotFoundError(f"no image files in {' '.join(args.paths)}")
+        raise FileNotFoundError(f"no image files in {' '.join(map(escaped, args.paths))}" + (
+            f" ({len(skipped)} other files: {skip_reasons(skipped)})" if skipped else ""))
+    version = registry_version(args.model)  # before the download: a wrong reference is one line
     detector = load_detector(args.model, params=params)
+    print(f"mofe score: model {escaped(model_named(args.model, version, detector))}", file=sys.stderr)
     threads = leave_cores_to(detector.session)
     loaded = time.perf_counter()
     fields = ["path", "class", "probability", "ood_score", "is_ood", "error"]
@@ -160,7 +171,7 @@ def score(args, params: dict) -> int:
 
         def emit(path, record: dict) -> None:
             if record["error"] is not None:
-                print(f"mofe score: {path}: {record['error']}", file=sys.stderr)
+                print(f"mofe score: {escaped(path)}: {record['error']}", file=sys.stderr)  # one line per file
             row = {"path": str(path), **record}
             if writer:
                 writer.writerow(row)
@@ -177,12 +188,70 @@ def score(args, params: dict) -> int:
             out.close()
         torch.set_num_threads(threads)  # as it was: `mofe score` may run inside a longer process
     seconds = time.perf_counter() - loaded
-    if args.stats or failed:
-        print(f"mofe score: {scored} images scored, {failed} unreadable", file=sys.stderr)
+    print(f"mofe score: {scored} images scored, {failed} unreadable, {len(skipped)} skipped"
+          + (f" ({skip_reasons(skipped)}{'' if args.verbose else '; -v names them'})" if skipped else ""),
+          file=sys.stderr)
+    for path in skipped if args.verbose else ():
+        print(f"mofe score: skipped {escaped(path)}: {skip_reason(path)}", file=sys.stderr)
+    if args.out:
+        print(f"mofe score: wrote {scored + failed} rows ({', '.join(fields)}) to {escaped(args.out)}", file=sys.stderr)
     if args.stats:
         print(f"mofe score: {seconds:.2f} s, {scored / max(seconds, 1e-9):.1f} images/s "
               f"(model loaded in {loaded - started:.1f} s)", file=sys.stderr)
     return 0 if scored else 1
+
+
+def skipped_files(args_paths: list[str], kept: list[Path]) -> list[Path]:
+    """Files inside the named folders that list_images leaves out (named files are never skipped)."""
+    kept_set = set(kept)
+    return sorted(f for p in map(Path, args_paths) if p.is_dir() for f in p.rglob("*")
+                  if f.is_file() and f not in kept_set)
+
+
+def skip_reason(path: Path) -> str:
+    from mofe_ood.images import IMAGE_SUFFIXES
+
+    if path.name.startswith("."):
+        return "hidden file"
+    return f"not an image file name ({', '.join(sorted(IMAGE_SUFFIXES))})"
+
+
+def skip_reasons(skipped: list[Path]) -> str:
+    """`3 not image files by name, 1 hidden`: how many were skipped for each reason."""
+    hidden = sum(p.name.startswith(".") for p in skipped)
+    parts = [f"{len(skipped) - hidden} not image files by name" if len(skipped) > hidden else "",
+             f"{hidden} hidden" if hidden else ""]
+    return ", ".join(p for p in parts if p)
+
+
+def registry_version(model: str) -> dict | None:
+    """{name, version, alias} of a `models:/` reference, checked against the registry; None otherwise."""
+    if not model.startswith("models:/"):
+        return None
+    from mofe_ood.serving.registry import resolve
+    from mofe_ood.serving.tracking import connect
+
+    return resolve(connect(must_exist=True), model)
+
+
+def model_named(model: str, version: dict | None, detector) -> str:
+    """What `mofe score` ran: the reference, the version it resolved to, the variant, score and threshold."""
+    spec = detector.score_spec
+    which = f"{model} (version {version['version']})" if version else model
+    tpr = f" at {spec['tpr']:.0%} ID TPR" if spec.get("tpr") else ""
+    return (f"{which}: variant {detector.variant}, score {spec['name']}, "
+            f"threshold {detector.threshold:.6g}{tpr} (is_ood: ood_score below it)")
+
+
+def registry(args, params: dict) -> int:
+    """`mofe registry`: the versions as the gate left them (MLflow's UI buttons skip the gate)."""
+    from mofe_ood.serving.registry import table, versions
+    from mofe_ood.serving.tracking import connect
+
+    name = args.name or (params.get("register") or {}).get("model_name") or "mofe-ood"
+    rows = versions(connect(must_exist=True), name)
+    sys.stdout.write(json.dumps(rows, indent=2) + "\n" if args.json else table(name, rows))
+    return 0
 
 
 def validate(args, params: dict) -> int:

@@ -26,15 +26,10 @@ def section(cls: type[T], data: Any, where: str) -> T:
         raise ParamError(f"{where}: expected a mapping of keys, got {data!r}")
     fields = dataclasses.fields(cls)
     names = [f.name for f in fields]
-    problems = []
-    for key in data:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.7)
-            hint = f" (did you mean {where}.{close[0]}?)" if close else ""
-            problems.append(f"{where}.{key}: not a known key{hint}; known: {', '.join(names)}")
+    problems = [unknown_key(f"{where}.{key}", f"{where}.", names) for key in data if key not in names]
     problems += [f"{where}.{name}: missing (params.yaml lists every key)" for name in names if name not in data]
-    if problems:
-        raise ParamError("; ".join(problems))
+    if problems:  # one line each: `mofe validate` reports every line as its own problem
+        raise ParamError("\n".join(problems))
     hints = typing.get_type_hints(cls)
     values = {}
     for name in names:
@@ -42,6 +37,13 @@ def section(cls: type[T], data: Any, where: str) -> T:
         values[name] = section(kind, data[name], f"{where}.{name}") if dataclasses.is_dataclass(kind) \
             else data[name]
     return cls(**values)
+
+
+def unknown_key(name: str, prefix: str, known: list[str]) -> str:
+    """`name` is not a key of its section: the close match if there is one, else every known key."""
+    close = difflib.get_close_matches(name[len(prefix):], known, n=1, cutoff=0.7)
+    allowed = f"did you mean {prefix}{close[0]}?" if close else f"known: {', '.join(known)}"
+    return f"{name}: not a known key ({allowed})"
 
 
 def as_dict(config: Any) -> dict:

@@ -5,6 +5,7 @@ Outputs under `reports/` (their layout is part of the interface):
   with M = {auroc, fpr95, fpr95_openood, aupr_in, aupr_out}, fractions in [0, 1];
 - `scores/<variant>__<score>.npz`: per-sample scores (higher = more ID), one array
   per set (`test` = ID test, then each OOD set);
+- `headline.json`: the few numbers DVC's metrics are (mofe_ood.headline);
 - `results.md`: the table a person reads first;
 - `thresholds.json`: per variant, its default score's hyper-parameters and the
   decision threshold accepting `tpr` of ID validation samples (for inference);
@@ -26,12 +27,15 @@ import numpy as np
 
 from mofe_ood import atomic, metrics, scores, tuning
 from mofe_ood.config import section
+from mofe_ood.headline import FILE as HEADLINE_FILE
+from mofe_ood.headline import write as write_headline
 from mofe_ood.params import ParamError, check_choice, check_number
 from mofe_ood.splits import GROUPS, DataError
 from mofe_ood.training.heads import FROZEN, Outputs, trained_variants, variant_outputs
 
 ID_SPLITS = ("train", "val", "test")
-OUTPUTS = ("metrics.json", "thresholds.json", "roc", "results.md", "scores", "plots")  # as dvc.yaml lists them
+# as dvc.yaml lists them
+OUTPUTS = ("metrics.json", HEADLINE_FILE, "thresholds.json", "roc", "results.md", "scores", "plots")
 
 
 def applicable(score_names: list[str], has_logits: bool) -> list[str]:
@@ -131,6 +135,7 @@ def run(params: dict, features_dir: str | Path = "data/features", models_dir: st
                 (tmp / "roc" / f"{variant}__{name}.json").write_text(json.dumps(curve) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(all_metrics, indent=2) + "\n")
         (tmp / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
+        write_headline(tmp / HEADLINE_FILE, all_metrics, thresholds, params)
         (tmp / "results.md").write_text(results_table(all_metrics, info))
     return all_metrics
 

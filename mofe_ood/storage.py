@@ -23,6 +23,16 @@ class StorageError(UserError):
     """The object store cannot be used; the message names the endpoint, the bucket and the fix."""
 
 
+# The fix for missing or wrong credentials against the local server: boto3's and DVC's own
+# message ("Unable to locate credentials") names neither the server nor the command.
+LOCAL_HINT = "for the local server: make services && eval \"$(infra/services.sh env)\""
+
+
+def no_credentials(where: str) -> StorageError:
+    return StorageError(f"no S3 credentials for {where}: set AWS_ACCESS_KEY_ID and "
+                        f"AWS_SECRET_ACCESS_KEY ({LOCAL_HINT})")
+
+
 @dataclass(frozen=True)
 class S3Settings:
     endpoint_url: str
@@ -98,11 +108,9 @@ def check_s3(endpoint: str | None = None, bucket: str | None = None, *,
 
     settings = s3_settings(endpoint, bucket)
     where = settings.where()
-    local_hint = "for the local server: make services && eval \"$(infra/services.sh env)\""
-    no_credentials = StorageError(f"no S3 credentials for {where}: set AWS_ACCESS_KEY_ID and "
-                                  f"AWS_SECRET_ACCESS_KEY ({local_hint})")
+    local_hint = LOCAL_HINT
     if not (settings.access_key_id and settings.secret_access_key):
-        raise no_credentials
+        raise no_credentials(where)
     # One attempt with short timeouts: a health check must not spend minutes retrying.
     client = s3_client(settings, connect_timeout=timeout, read_timeout=timeout, max_attempts=1)
     try:
@@ -112,7 +120,7 @@ def check_s3(endpoint: str | None = None, bucket: str | None = None, *,
         raise StorageError(f"S3 server for {where} is not reachable ({type(err).__name__}); "
                            f"is it running? ({local_hint}; elsewhere set S3_ENDPOINT_URL)") from None
     except NoCredentialsError:
-        raise no_credentials from None
+        raise no_credentials(where) from None
     except ClientError as err:
         code = str(err.response.get("Error", {}).get("Code", ""))
         status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -158,7 +166,7 @@ def download(uri: str, dest: str | Path, what: str = "") -> Path:
     layout below `dest` (an ImageFolder arrives as an ImageFolder). Raises StorageError
     naming the bucket and key when nothing is there; returns `dest`.
     """
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     bucket, key = split_s3(uri)
     settings = s3_settings(bucket=bucket)
@@ -189,6 +197,8 @@ def download(uri: str, dest: str | Path, what: str = "") -> Path:
                                f"(key {key!r})") from None
         raise StorageError(f"{label}reading s3://{bucket}/{key} at {settings.endpoint_url} failed: "
                            f"{code or err}") from None
+    except NoCredentialsError:
+        raise StorageError(f"{label}reading s3://{bucket}/{key}: {no_credentials(settings.where())}") from None
     except BotoCoreError as err:
         raise StorageError(f"{label}reading s3://{bucket}/{key} at {settings.endpoint_url} failed: {err}") from None
     return dest

@@ -4,6 +4,9 @@ Each section is built into its config object by the function its stage runs firs
 (`config(params)` of the stage module, see CONFIGS): a missing or unknown key (with a
 "did you mean") and a value the stage would refuse are found there, so the rules live in
 one place. Here they are only collected: every problem of every section, reported together.
+A config stops at its first bad value, so each key it names is set back to params.yaml's
+value (an unknown key removed) and the section built again, until it passes: three bad
+values in `train` are three lines, not one.
 
 The Kubeflow pipeline runs this as its first step, so a typo in `register` fails in seconds
 instead of after extraction and training. A device is checked as a choice, not for being
@@ -14,12 +17,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import importlib
 from pathlib import Path
 from typing import Any, Callable
 
 from mofe_ood import stages
+from mofe_ood.config import unknown_key
 from mofe_ood.params import ParamError, check_choice, load
 
 REFERENCE = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -48,9 +51,7 @@ def unknown_keys(params: dict, reference: dict, prefix: str = "") -> list[str]:
     for key, value in params.items():
         name = f"{prefix}{key}"
         if key not in reference:
-            close = difflib.get_close_matches(str(key), [str(k) for k in reference], n=1, cutoff=0.7)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            found.append(f"{name}: not a known key{hint}; known: {', '.join(map(str, reference))}")
+            found.append(unknown_key(name, prefix, [str(k) for k in reference]))
         elif isinstance(value, dict) and isinstance(reference[key], dict) and name not in OPEN:
             found.extend(unknown_keys(value, reference[key], name + "."))
     return found
@@ -81,16 +82,67 @@ def problems(params: dict, reference: dict | None = None) -> list[str]:
     found = unknown_keys({k: None for k in params}, reference)  # a section params.yaml lacks
     known = checkable(params, found)
     for section, target in configs().items():
-        if section not in params:
-            continue
-        build = config_function(target)
-        try:
-            config = build(copy.deepcopy(known))
-            if not dataclasses.is_dataclass(config):  # a config still kept as a dict names no bad key
-                found += unknown_keys({section: params[section]}, reference)
-        except (ParamError, TypeError, KeyError, AttributeError) as err:  # a wrong type reads as these
-            found.append(str(err) if isinstance(err, ParamError) else f"{section}: {type(err).__name__}: {err}")
+        if section in params:
+            found += section_problems(section, config_function(target), known, reference)
     return list(dict.fromkeys(found))  # a config that reads two sections (finetune: train's too) says it twice
+
+
+def section_problems(section: str, build: Callable[[dict], Any], params: dict, reference: dict) -> list[str]:
+    """Every problem `build` finds in `section`: after each error, the keys it names get params.yaml's
+    value (an unknown key is dropped) and the section is built again, until it passes or an error
+    names no key that can be set back."""
+    params, found = copy.deepcopy(params), []
+    for _ in range(MAX_ROUNDS):
+        try:
+            config = build(copy.deepcopy(params))
+        except ParamError as err:
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            found += lines
+            if not all(set_back(params, reference, line) for line in lines):
+                break
+            continue
+        except (TypeError, KeyError, AttributeError) as err:  # a wrong type reads as these
+            found.append(f"{section}: {type(err).__name__}: {err}")
+            break
+        if not dataclasses.is_dataclass(config):  # a config still kept as a dict names no bad key
+            found += unknown_keys({section: params[section]}, reference)
+        break
+    return found
+
+
+# A section has a few dozen keys: more rounds than that means a key cannot be set back.
+MAX_ROUNDS = 100
+
+
+def set_back(params: dict, reference: dict, line: str) -> bool:
+    """Set the key a problem line names (`a.b.c: ...`) to `reference`'s value, or drop it when
+    `reference` lacks it; False when the line names no key of `params`."""
+    name = line.split(":", 1)[0].strip()
+    *parents, leaf = name.split(".")
+    node, ref = params, reference
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+        ref = ref.get(part) if isinstance(ref, dict) else None
+    if not isinstance(node, dict) or not isinstance(ref, dict):  # e.g. inside an OOD set the user named
+        return False
+    if leaf in ref:
+        if leaf in node and node[leaf] == ref[leaf]:
+            return False  # already params.yaml's value: the problem lies elsewhere
+        node[leaf] = copy.deepcopy(ref[leaf])
+        return True
+    if leaf in node:
+        del node[leaf]
+        return True
+    return False
+
+
+class Problems(ParamError):
+    """Several problems, one line each: `lines` lets the CLI escape each line on its own (a
+    newline inside a value stays escaped, the lines between problems do not)."""
+
+    def __init__(self, found: list[str]):
+        self.lines = [f"{len(found)} problem(s) in the params:", *(f"  {line}" for line in found)]
+        super().__init__("\n".join(self.lines))
 
 
 def run(params: dict, reference: dict | None = None) -> dict:
@@ -100,5 +152,5 @@ def run(params: dict, reference: dict | None = None) -> dict:
     """
     found = problems(params, reference)
     if found:
-        raise ParamError(f"{len(found)} problem(s) in the params:\n  " + "\n  ".join(found))
+        raise Problems(found)
     return {"checked": sorted(params), "problems": 0}

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.slow
 def sh(*cmd, cwd):
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", HF_HUB_OFFLINE="1")
     env.pop("MLFLOW_TRACKING_URI", None)  # the clone's own embedded registry
-    return subprocess.run(cmd, cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(cmd)}: exit {done.returncode}\n{done.stderr[-3000:]}"
+    return done.stdout
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +133,8 @@ def test_dvc_plots_draw_one_roc_curve_per_variant_and_ood_set(clone):
     sh("dvc", "repro", cwd=clone)
     rendered = json.loads(sh("dvc", "plots", "show", "--json", cwd=clone))["data"]
     roc = {name for name in rendered if name.startswith("reports/roc/")}
-    assert all(name.startswith(("reports/roc/", "models/")) for name in rendered)  # no duplicates
+    histories = ("training loss", "validation accuracy")  # dvc.yaml's plot ids: one quantity per chart
+    assert all(name.startswith("reports/roc/") or name in histories for name in rendered)  # no duplicates
     params = yaml.safe_load((clone / "params.yaml").read_text())
     sets = {*params["prepare"]["ood"], *params["evaluate"]["extra_ood"]}
     assert roc == {f"reports/roc/{v}__{s}.json" for v in params["evaluate"]["variants"] for s in sets}
@@ -140,5 +143,51 @@ def test_dvc_plots_draw_one_roc_curve_per_variant_and_ood_set(clone):
         values = plot["content"]["data"]["values"]
         assert values[0]["fpr"] == 0.0 and values[-1]["fpr"] == 1.0
         assert [p["tpr"] for p in values] == sorted(p["tpr"] for p in values)
-    histories = {name for name in rendered if name.endswith("history.csv")}
-    assert histories == {f"models/{v}/history.csv" for v in params["train"]["variants"]}
+    for chart in histories:  # every variant's history.csv is a line of each chart
+        (plot,) = rendered[chart]
+        drawn = {row["filename"].split("/")[0] for row in plot["content"]["data"]["values"]}
+        assert drawn == set(params["train"]["variants"]), chart
+
+
+def readme_exp_show() -> list[list[str]]:
+    """The `dvc exp show` commands README.md tells users to run (its `$ dvc exp show ...` lines)."""
+    import re
+    import shlex
+
+    lines = re.findall(r"^\$ (dvc exp show .*)$", (ROOT / "README.md").read_text(), re.M)
+    assert lines
+    return [shlex.split(line, comments=True) for line in lines]
+
+
+def test_an_experiment_compares_with_the_commit_on_the_headline_numbers(clone):
+    import csv
+    import io
+    import json
+
+    sh("dvc", "repro", cwd=clone)
+    # reports/headline.json is DVC's metrics and is committed with dvc.lock; the rest is DVC's cache's
+    ignored = subprocess.run(["git", "check-ignore", "reports/headline.json", "reports/metrics.json"], cwd=clone,
+                             capture_output=True, text=True).stdout.split()
+    assert ignored == ["reports/metrics.json"]
+    sh("git", "add", "dvc.lock", "reports/headline.json", cwd=clone)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline", cwd=clone)
+    base = json.loads((clone / "reports" / "headline.json").read_text())
+    sh("dvc", "exp", "run", "--temp", "-n", "two-epochs", "-S", "train.epochs=2", cwd=clone)
+    diff = json.loads(sh("dvc", "exp", "diff", "HEAD", "two-epochs", "--json", cwd=clone))
+    changes = diff["metrics"]["reports/headline.json"]
+    assert changes["registered.near_auroc"]["old"] == base["registered"]["near_auroc"]
+    assert changes["registered.near_auroc"]["new"] != base["registered"]["near_auroc"]
+    # the commit's numbers load (no "failed to load some metrics")
+    shown = json.loads(sh("dvc", "metrics", "show", "--json", "-a", cwd=clone))
+    assert all("error" not in rev.get("data", {}).get("reports/headline.json", {}) for rev in shown.values())
+    # README's commands: numbers for the commit and the experiment, in under 40 columns
+    for command in readme_exp_show():
+        table = list(csv.DictReader(io.StringIO(sh(*command, "--csv", cwd=clone))))
+        assert len(table[0]) < 40, command
+    table = list(csv.DictReader(io.StringIO(sh(*readme_exp_show()[0], "--csv", cwd=clone))))
+    assert "train.epochs" in table[0] and not any(c.startswith("mofe_dynmix.") for c in table[0])
+    rows = {r["Experiment"] or r["rev"]: r for r in table}
+    assert float(rows["two-epochs"]["registered.near_auroc"]) == pytest.approx(
+        changes["registered.near_auroc"]["new"], abs=1e-4)
+    (commit,) = [r for name, r in rows.items() if name not in ("two-epochs", "workspace")]
+    assert float(commit["registered.near_auroc"]) == pytest.approx(base["registered"]["near_auroc"], abs=1e-4)

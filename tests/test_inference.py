@@ -118,13 +118,36 @@ def test_serve_runtime_must_be_a_known_one(tiny_run):
         bundle.serve({**params, "serve": {**params["serve"], "runtime": "tensorrt"}})
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("path_root", "data/images", r"serve.path_root: 'data/images' is not an absolute folder path"),
+    ("path_root", 5, r"serve.path_root: 5 is not an absolute folder path"),
+    ("max_row_bytes", 0, r"serve.max_row_bytes: 0 is below the minimum 1"),
+    ("max_request_pixels", 1.5, r"serve.max_request_pixels: 1.5 is not an integer"),
+])
+def test_serve_limits_are_checked(tiny_run, key, value, message):
+    params = tiny_run()
+    with pytest.raises(ValueError, match=message):
+        bundle.serve({**params, "serve": {**params["serve"], key: value}})
+
+
+def test_the_bundle_carries_the_serve_limits(project, tiny_variant, tiny_run, tmp_path):
+    params = tiny_run()
+    params["serve"].update(path_root=str(tmp_path), max_row_bytes=1234, max_request_pixels=5678, max_rows=9)
+    built = bundle.from_pipeline(tiny_variant, project / "models", project / "data" / "features",
+                                 project / "reports", params)
+    loaded = bundle.load(bundle.save(built, tmp_path / "bundle"))
+    assert (loaded.path_root, loaded.max_row_bytes, loaded.max_request_pixels, loaded.max_rows, loaded.max_pixels) \
+        == (str(tmp_path), 1234, 5678, 9, 25_000_000)
+
+
 def test_paths_bytes_and_arrays_give_the_same_predictions(project, detector, tmp_path, tiny_images):
     gray = tiny_images("test")[:5]
     paths = sorted((project / "images" / "test").glob("*.png"))[:5]
     from_array = detector.predict(gray)
     for images in (paths, [str(p) for p in paths], [p.read_bytes() for p in paths], list(gray),
                    rows_from_input({"image": [p.read_bytes() for p in paths]}, 64),
-                   rows_from_input({"path": [str(p) for p in paths]}, 64)):
+                   rows_from_input({"path": [str(p) for p in paths]}, 64, path_root=str(project / "images")),
+                   rows_from_input({"path": [f"test/{p.name}" for p in paths]}, 64, path_root=str(project / "images"))):
         np.testing.assert_allclose(detector.predict(images).ood_score, from_array.ood_score, atol=1e-6)
     # Mixed sizes and colour in one batch: each image as if it came alone.
     rgb = np.random.default_rng(1).integers(0, 256, (40, 52, 3), dtype=np.uint8)
@@ -162,8 +185,8 @@ def test_model_input_rows_fail_one_by_one_and_past_the_row_limit(project, detect
     result = detector.predict(rows)
     assert result.errors[0] is None and result.errors[1].startswith("not base64")
     assert result.errors[2] == result.errors[3] == "empty row: no image data and no path"
-    assert result.errors[4].startswith("corrupt image")
-    assert "at most 5 per request (serve.max_rows)" in result.errors[5]
+    assert result.errors[4] == "truncated or corrupt image"
+    assert result.errors[5].startswith("row limit:") and "at most 5 per request (serve.max_rows)" in result.errors[5]
     assert result.ood_score[0] == pytest.approx(detector.predict([png]).ood_score[0], abs=1e-9)
     with pytest.raises(ValueError, match="expected a column 'image'.*got columns \\['img'\\]"):
         rows_from_input({"img": [good]}, max_rows=5)

@@ -8,7 +8,7 @@ import yaml
 
 from mofe_ood import validate
 from mofe_ood.cli import main
-from mofe_ood.params import ParamError, load
+from mofe_ood.params import ParamError, load, merged
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "presets").glob("*.yaml"))
@@ -94,3 +94,21 @@ def test_mofe_validate_names_every_bad_key_at_once(capsys):
                      "kfp.train_timeout: 0 is below the minimum 1", "trian: not a known key (did you mean train?)"):
         assert expected in err
     assert "prepare.ood.mine" not in err  # OOD sets are the user's to name
+
+
+def test_mofe_validate_names_each_bad_value_of_one_section_on_its_own_line(capsys):
+    # A config stops at its first bad value: validate sets each named key back and builds it again.
+    code = main(["validate", "--set", "train.epochs=-1", "--set", "train.lr=-1", "--set", "train.batch_size=0",
+                 "--set", "train.epocs=3", "--set", "train.lrr=2", "--set", "train.mofe.router=sideways"])
+    err = capsys.readouterr().err
+    lines = [line.strip() for line in err.splitlines()[1:]]
+    assert code == 2 and "6 problem(s)" in err.splitlines()[0]
+    assert sorted(lines) == sorted([
+        "train.epochs: -1 is below the minimum 1", "train.lr: -1 is below the minimum 0",
+        "train.batch_size: 0 is below the minimum 1",
+        "train.epocs: not a known key (did you mean train.epochs?)",
+        "train.lrr: not a known key (did you mean train.lr?)",
+        "train.mofe.router: 'sideways' is not one of 'hard', 'soft'"])
+    # a key with no close match lists what is allowed, once
+    (line,) = validate.problems(merged(load(ROOT / "params.yaml"), {"base": {"zzz": 1}}))
+    assert line == "base.zzz: not a known key (known: seed)"

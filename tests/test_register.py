@@ -351,3 +351,43 @@ def test_the_mlflow_ui_shows_the_champion_and_its_run_metrics(registry, tmp_path
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
         log.close()
+
+
+@pytest.mark.slow
+def test_mofe_registry_lists_each_version_as_the_gate_left_it(registry, project, capsys):
+    assert cli.main(["registry", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    by_version = {r["version"]: r for r in rows}
+    champion = int(aliases(registry["uri"])["champion"])
+    assert [r["version"] for r in rows] == sorted(versions(registry["uri"]), reverse=True)  # newest first
+    assert by_version[champion]["aliases"] == ["champion"]
+    c = client(registry["uri"])
+    for r in rows:
+        tags = c.get_model_version(NAME, str(r["version"])).tags
+        assert r["gate_metric"] == "near.auroc" and r["gate_value"] == pytest.approx(float(tags["gate_value"]))
+        assert r["decision"] == tags["decision"] and r["reason"] == tags["reason"] and r["split"] == "test"
+        assert r["git_commit"] == c.get_run(r["run_id"]).data.tags["git_commit"]
+    assert by_version[1]["gate_value"] == pytest.approx(registry["near"])
+    assert by_version[2]["gate_value"] == pytest.approx(registry["near"] - 0.05)
+    assert cli.main(["registry"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == f"registered model {NAME}: {len(rows)} version(s)" and table[1].split()[:3] == [
+        "version", "aliases", "variant"]
+    line = next(t for t in table[2:] if t.split()[0] == str(champion))
+    assert "champion" in line and f"near.auroc={by_version[champion]['gate_value']:.4f}" in line
+
+
+@pytest.mark.slow
+def test_a_wrong_model_reference_gets_one_line_naming_what_exists(registry, project, capsys):
+    there = aliases(registry["uri"])
+    listed = ", ".join(f"@{a} (version {v})" for a, v in sorted(there.items()))
+    for model, expected in ((f"models:/{NAME}@nosuch", f"model '{NAME}' has no alias 'nosuch' (aliases: {listed})"),
+                            (f"models:/{NAME}/99", f"model '{NAME}' has no version '99' (versions: 1, 2)"),
+                            ("models:/other@champion",
+                             f"no registered model 'other' in this registry (models: {NAME})")):
+        assert cli.main(["score", "images/fmnist_near", "--model", model]) == 2
+        err = capsys.readouterr().err
+        assert err == f"mofe score: error: {model}: {expected}\n"
+    assert cli.main(["score", "images/fmnist_near", "--model", f"models:/{NAME}@champion"]) == 0
+    err = capsys.readouterr().err
+    assert f"mofe score: model models:/{NAME}@champion (version {there['champion']}): variant" in err

@@ -15,6 +15,13 @@ process group) every 0.1 s, stops the server by its process group, and prints re
 images/s, p50/p95/p99 latency per phase, per-row errors by kind (bad rows must all get
 one, good rows none), and the peak RSS overall and over the first and the last 1,000
 requests. Nothing leaves the machine; each phase is bounded in count and by --timeout.
+
+`--hostile` (issue 19) instead sends `requests` single-image requests from `clients`
+threads twice: alone, then while `hostile-clients` threads keep sending what the probe
+found (`hostile_bodies`: paths to the server's files, a secret behind a PPM header, wrong
+types, a decompression bomb, a 12 MP image, a 30 MB row, more rows than serve.max_rows,
+a bad batch_size). It prints p50/p99 of the good requests in both phases, the server's
+peak RSS, and whether every hostile row got its own error (exit status 1 if not).
 """
 
 from __future__ import annotations
@@ -27,22 +34,26 @@ import os
 import signal
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-import zlib
 from pathlib import Path
 
-ROW_KINDS = ("not base64", "truncated", "too many pixels")
+from mofe_ood.bench._rows import ROW_KINDS, bad_row, declared_png, hostile_bodies, request_body  # noqa: F401
 
+# declared_png: tests/test_register.py imports it from here
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# Seconds the model server gives one request (`mlflow models serve -t`; its default is 60):
+# a 264-row request took 2.9 s on 2 cores (README); the proxy (infra/serve) waits 35 s for the answer.
+REQUEST_TIMEOUT = 30
 
 
 def start_server(model: str, port: int, log_path: Path, env: dict | None = None,
@@ -52,8 +63,9 @@ def start_server(model: str, port: int, log_path: Path, env: dict | None = None,
     log = open(log_path, "w")
     server = subprocess.Popen(
         [str(bin_dir / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local", "-h", "127.0.0.1",
-         "-p", str(port)], env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-                                **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+         "-p", str(port), "-t", str(REQUEST_TIMEOUT)],
+        env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})},
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
     deadline = time.monotonic() + timeout
     while True:
@@ -100,24 +112,6 @@ def group_rss(pgid: int) -> int:
     return total
 
 
-def declared_png(width: int, height: int) -> bytes:
-    """A valid PNG header declaring width x height 1-bit pixels with almost no data (a decompression bomb)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 8))
-            + chunk(b"IEND", b""))
-
-
-def bad_row(kind: str, good_png: bytes) -> str:
-    if kind == "not base64":
-        return "this is not base64!"
-    if kind == "truncated":
-        return base64.b64encode(good_png[: len(good_png) // 2]).decode()
-    return base64.b64encode(declared_png(50_000, 50_000)).decode()
-
-
 class Load:
     """Requests from client threads; latencies, errors and the server's memory, recorded as they come."""
 
@@ -149,10 +143,6 @@ class Load:
             with self.lock:
                 self.done += 1
         conn.close()
-
-
-def request_body(rows: list[str]) -> bytes:
-    return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[r] for r in rows]}}).encode()
 
 
 def plan(images: list[bytes], n_requests: int, rows_per_request: int, bad_every: int, start: int = 0):
@@ -243,6 +233,61 @@ def test_images(prepared: Path, n: int = 256) -> list[bytes]:
     return [encode_png(image) for image in load_split(prepared, "test").images[:n]]
 
 
+def hostile_client(port: int, bodies: list, stop: threading.Event, out: list, offset: int) -> None:
+    """Send `bodies` in a loop (starting at `offset`) until `stop`; record (name, status, right?)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    i = offset
+    while not stop.is_set():
+        name, body, want = bodies[i % len(bodies)]
+        i += 1
+        conn.request("POST", "/invocations", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        payload = response.read()
+        if isinstance(want, int):
+            right = response.status == want and b"params.batch_size" in payload and b"stack_trace" not in payload
+        else:
+            rows = json.loads(payload)["predictions"] if response.status == 200 else []
+            right = len(rows) == len(want) and all(
+                (row["error"] is None and row["ood_score"] is not None) if w is None
+                else (row["error"] or "").startswith(w) and row["ood_score"] is None for row, w in zip(rows, want))
+        out.append((name, response.status, right))
+    conn.close()
+
+
+def hostile(args, images: list[bytes], port: int, load: Load) -> dict:
+    """Good single-image requests alone, then beside hostile clients: their latency, the answers' correctness."""
+    import tempfile
+
+    import yaml
+
+    max_rows = yaml.safe_load(Path(args.params).read_text())["serve"]["max_rows"]
+    with tempfile.TemporaryDirectory(prefix="mofe-hostile-") as tmp:
+        bodies = hostile_bodies(images, max_rows, Path(tmp))
+        alone = run_phase(load, plan(images, args.requests, 1, 0), args.clients, args.timeout)
+        peak_alone = memory(load, load.done)["peak_rss_mb"]
+        stop, answers = threading.Event(), []
+        threads = [threading.Thread(target=hostile_client, args=(port, bodies, stop, answers, i))
+                   for i in range(args.hostile_clients)]
+        for t in threads:
+            t.start()
+        beside = run_phase(load, plan(images, args.requests, 1, 0, start=3), args.clients, args.timeout)
+        stop.set()
+        for t in threads:
+            t.join()
+    kinds: dict[str, dict] = {}
+    for name, status, right in answers:
+        entry = kinds.setdefault(name, {"requests": 0, "wrong": 0, "statuses": set()})
+        entry["requests"] += 1
+        entry["wrong"] += not right
+        entry["statuses"].add(status)
+    for entry in kinds.values():
+        entry["statuses"] = sorted(entry["statuses"])
+    keep = ("requests", "requests_per_s", "p50_ms", "p95_ms", "p99_ms", "http_errors", "errors_on_good_rows")
+    return {"good_alone": {k: alone[k] for k in keep}, "good_beside_hostile": {k: beside[k] for k in keep},
+            "hostile": kinds, "peak_rss_mb": {"good_alone": peak_alone,
+                                              "overall": memory(load, load.done)["peak_rss_mb"]}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mofe_ood.bench serve", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="models:/mofe-ood@champion")
@@ -254,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bad-every", type=int, default=20, help="every Nth row is bad (0: none)")
     parser.add_argument("--prepared", default="data/prepared")
     parser.add_argument("--timeout", type=float, default=900, help="seconds at most per phase")
+    parser.add_argument("--hostile", action="store_true", help="good requests beside hostile clients (issue 19)")
+    parser.add_argument("--hostile-clients", type=int, default=2)
+    parser.add_argument("--params", default="params.yaml", help="--hostile: where serve.max_rows is read")
     args = parser.parse_args(argv)
 
     from mofe_ood.serving.tracking import tracking_uri
@@ -268,6 +316,17 @@ def main(argv: list[str] | None = None) -> int:
     load = Load(port, server.pid)
     sampler = threading.Thread(target=load.sample_memory, daemon=True)
     sampler.start()
+    if args.hostile:
+        try:
+            report = hostile(args, images, port, load)
+        finally:
+            load.stop_sampling.set()
+            stop_server(server)
+        print(json.dumps({"model": args.model, "clients": args.clients,
+                          "hostile_clients": args.hostile_clients, **report}, indent=2))
+        good = all(report[p]["http_errors"] == 0 and report[p]["errors_on_good_rows"] == 0
+                   for p in ("good_alone", "good_beside_hostile"))
+        return 0 if good and all(k["wrong"] == 0 for k in report["hostile"].values()) else 1
     try:
         singles = run_phase(load, plan(images, args.requests, 1, args.bad_every), args.clients, args.timeout)
         mem = memory(load, singles["requests"])

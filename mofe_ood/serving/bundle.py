@@ -38,13 +38,24 @@ class Serve:
 
     max_pixels: int
     max_rows: int
+    max_row_bytes: int
+    max_request_pixels: int
+    path_root: str | None
     runtime: str
 
     def __post_init__(self):
         if self.runtime not in RUNTIMES:
             raise ParamError(f"serve.runtime: {self.runtime!r} is not one of {', '.join(RUNTIMES)}")
-        check_number("serve.max_pixels", self.max_pixels, low=1, integer=True)
-        check_number("serve.max_rows", self.max_rows, low=1, integer=True)
+        for name in ("max_pixels", "max_rows", "max_row_bytes", "max_request_pixels"):
+            check_number(f"serve.{name}", getattr(self, name), low=1, integer=True)
+        if self.path_root is not None and (not isinstance(self.path_root, str) or not self.path_root.startswith("/")):
+            raise ParamError(f"serve.path_root: {self.path_root!r} is not an absolute folder path (a folder on "
+                             f"the serving host whose files clients may name) or null (no `path` rows)")
+
+    def limits(self) -> dict:
+        """The Detector's keyword arguments for these limits."""
+        return {"max_pixels": self.max_pixels, "max_rows": self.max_rows, "max_row_bytes": self.max_row_bytes,
+                "max_request_pixels": self.max_request_pixels, "path_root": self.path_root}
 
 
 def serve(params: dict) -> Serve:
@@ -53,9 +64,13 @@ def serve(params: dict) -> Serve:
 
 def from_pipeline(variant: str, models_dir: str | Path = "models",
                   features_dir: str | Path = "data/features", reports_dir: str | Path = "reports",
-                  params: dict | None = None, max_pixels: int = MAX_PIXELS,
+                  params: dict | None = None, max_pixels: int | None = None,
                   max_rows: int | None = None) -> Detector:
-    """The detector of `variant` as the pipeline left it (train + evaluate outputs)."""
+    """The detector of `variant` as the pipeline left it (train + evaluate outputs).
+
+    Its input limits are params' `serve` section when there is one; `max_pixels` and
+    `max_rows`, when given, override those two.
+    """
     models_dir, features_dir, reports_dir = Path(models_dir), Path(features_dir), Path(reports_dir)
     params = params or {}
     model_dir = models_dir / variant
@@ -86,9 +101,10 @@ def from_pipeline(variant: str, models_dir: str | Path = "models",
     calibration = thresholds[variant]  # {score, hyper, tpr, threshold}
     score = {"name": calibration["score"], "hyper": calibration.get("hyper") or {},
              "threshold": calibration["threshold"], "tpr": calibration.get("tpr")}
+    limits = serve(params).limits() if "serve" in params else {"max_pixels": MAX_PIXELS}
+    limits.update({k: v for k, v in (("max_pixels", max_pixels), ("max_rows", max_rows)) if v is not None})
     return Detector(variant=variant, classes=info["classes"], backbone=backbone, backbone_spec=spec,
-               head=head, head_files=head_files, bank=bank, score=score, max_side=max_side,
-                    max_pixels=max_pixels, max_rows=max_rows)
+                    head=head, head_files=head_files, bank=bank, score=score, max_side=max_side, **limits)
 
 
 def _pipeline_backbone(info: dict, model_dir: Path, params: dict) -> tuple[torch.nn.Module, dict]:
@@ -140,7 +156,8 @@ def save(detector: Detector, out_dir: str | Path, runtime: str = "torch") -> Pat
     config = {"format": FORMAT, "variant": detector.variant, "classes": detector.classes, "backbone": spec,
               "head": "head" if detector.head_files else None, "score": detector.score_spec,
               "input": {"max_side": detector.max_side, "max_pixels": detector.max_pixels,
-                        "max_rows": detector.max_rows}}
+                        "max_rows": detector.max_rows, "max_row_bytes": detector.max_row_bytes,
+                        "max_request_pixels": detector.max_request_pixels, "path_root": detector.path_root}}
     (out_dir / "detector.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out_dir
 
@@ -167,13 +184,14 @@ def load(bundle_dir: str | Path) -> Detector:
         head, _ = load_model(head_dir)
         head_files = {f.name: f.read_bytes() for f in sorted(head_dir.iterdir()) if f.is_file()}
     bank = load_arrays(bundle_dir / "bank.safetensors")
-    limits = config["input"]  # bundles from before the serve section have no max_rows
+    limits = config["input"]  # older bundles lack the newer limits: none of those then
     onnx = bundle_dir / spec["onnx"] if spec.get("onnx") else None  # bundles saved for torch have none
     return Detector(variant=config["variant"], classes=config["classes"], backbone=backbone,
                     backbone_spec=spec, head=head, head_files=head_files, bank=bank,
                     score=config["score"], max_side=limits["max_side"],
                     max_pixels=limits.get("max_pixels", MAX_PIXELS), max_rows=limits.get("max_rows"),
-                    onnx=onnx)
+                    max_row_bytes=limits.get("max_row_bytes"), max_request_pixels=limits.get("max_request_pixels"),
+                    path_root=limits.get("path_root"), onnx=onnx)
 
 
 def load_detector(model: str, features_dir: str | Path = "data/features", reports_dir: str | Path = "reports",
@@ -201,7 +219,4 @@ def load_detector(model: str, features_dir: str | Path = "data/features", report
         return load(path)
     if (path / "artifacts" / "detector" / "detector.json").is_file():  # a downloaded MLflow model
         return load(path / "artifacts" / "detector")
-    limits = serve(params) if params and "serve" in params else None  # the limits the registered model gets
-    return from_pipeline(path.name, path.parent, features_dir, reports_dir, params,
-                         max_pixels=limits.max_pixels if limits else MAX_PIXELS,
-                         max_rows=limits.max_rows if limits else None)
+    return from_pipeline(path.name, path.parent, features_dir, reports_dir, params)  # params' serve limits

@@ -22,6 +22,7 @@ forwards fighting over the cores.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,9 @@ import torch
 from tqdm import tqdm
 
 from mofe_ood.backbones import Preprocess, for_inference, pooled_features, preprocess
-from mofe_ood.images import MAX_PIXELS, BadImage, as_image
+from mofe_ood.images import MAX_PIXELS, BadImage, as_image, escaped
+
+log = logging.getLogger(__name__)
 
 
 def to_batch(images: list[np.ndarray], prep: Preprocess) -> torch.Tensor:
@@ -134,7 +137,9 @@ class Detector:
     def __init__(self, *, variant: str, classes: list[str], backbone: torch.nn.Module,
                  backbone_spec: dict, head: torch.nn.Module | None, head_files: dict[str, bytes],
                  bank: dict[str, np.ndarray], score: dict, max_side: int, max_pixels: int = MAX_PIXELS,
-                 max_rows: int | None = None, onnx: Path | None = None):
+                 max_rows: int | None = None, max_row_bytes: int | None = None,
+                 max_request_pixels: int | None = None, path_root: str | None = None,
+                 onnx: Path | None = None):
         self.variant = variant
         self.classes = list(classes)
         self.backbone_spec = dict(backbone_spec)
@@ -159,7 +164,11 @@ class Detector:
         self.threshold = self.score_spec["threshold"]
         self.max_side = int(max_side)
         self.max_pixels = int(max_pixels)
+        # Request limits the served model applies (serving/pyfunc.py); None: no limit
         self.max_rows = None if max_rows is None else int(max_rows)
+        self.max_row_bytes = None if max_row_bytes is None else int(max_row_bytes)
+        self.max_request_pixels = None if max_request_pixels is None else int(max_request_pixels)
+        self.path_root = path_root
         self.scorer = self._fit_score()
         self._scored = _Batcher(self.scored)
 
@@ -235,6 +244,9 @@ class Detector:
                         good.append(i)
                     except BadImage as err:
                         result.errors[i] = str(err)
+                        item = images[i]
+                        name = f" {escaped(item)}" if isinstance(item, (str, Path)) else ""
+                        log.info("input %d%s: %s%s", i, name, err, f" ({escaped(err.detail)})" if err.detail else "")
                 if not good:
                     continue
                 x = to_batch(decoded, self.prep)
