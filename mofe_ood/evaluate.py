@@ -27,11 +27,13 @@ import numpy as np
 from mofe_ood import atomic, metrics, scores, tuning
 from mofe_ood.config import section
 from mofe_ood.params import ParamError, check_choice, check_number
-from mofe_ood.splits import GROUPS, DataError
+from mofe_ood.splits import GROUPS, VAL_SUFFIX, DataError
 from mofe_ood.training.heads import FROZEN, Outputs, trained_variants, variant_outputs
 
 ID_SPLITS = ("train", "val", "test")
-OUTPUTS = ("metrics.json", "thresholds.json", "roc", "results.md", "scores", "plots")  # as dvc.yaml lists them
+AUTO = "auto"  # evaluate.default_score: the best score on validation, per variant
+OUTPUTS = ("metrics.json", "metrics_val.json", "selection.json", "thresholds.json", "roc", "results.md", "scores",
+           "plots")  # as dvc.yaml lists them
 
 
 def applicable(score_names: list[str], has_logits: bool) -> list[str]:
@@ -39,29 +41,61 @@ def applicable(score_names: list[str], has_logits: bool) -> list[str]:
             if has_logits or not (scores.SCORES[s].needs_logits or scores.SCORES[s].needs_head)]
 
 
+def set_metrics(id_scores: np.ndarray, per_set: dict[str, np.ndarray], sets: dict[str, str]) -> dict:
+    """{near: M, far: M, <set>: M}: every set in `sets` (name -> group) against `id_scores`, and
+    each group's average."""
+    result = {s: metrics.ood_metrics(id_scores, per_set[s], name=s) for s in sets}
+    groups = {g: metrics.average([result[s] for s, sg in sets.items() if sg == g])
+              for g in GROUPS if g in sets.values()}
+    return {**groups, **result}
+
+
 def evaluate_variant(variant: str, outputs: dict[str, Outputs], head, ood_sets: dict[str, str],
-                     cfg: "Evaluate", score_dir: Path) -> tuple[dict, dict]:
-    """metrics.json entry of one variant, and the calibration of each of its scores."""
+                     cfg: "Evaluate", score_dir: Path, val_sets: dict[str, str] | None = None,
+                     ) -> tuple[dict, dict, dict]:
+    """metrics.json entry of one variant (test parts), its validation entry (ID val against each
+    OOD set's validation part, `val_sets`: `<set>_val` -> `<set>`) and each score's calibration.
+
+    Hyper-parameters (K, ViM's dim) are chosen on validation (`evaluate.selection` of the val
+    metrics; without OOD validation parts: on ID data alone, tuning.select_hyper).
+    """
+    val_sets = val_sets or {}
     train, val, test = (outputs[s] for s in ID_SPLITS)
     entry: dict = {"id_accuracy": None if test.logits is None else metrics.accuracy(test.logits, test.labels)}
+    val_entry: dict = {"id_accuracy": None if val.logits is None else metrics.accuracy(val.logits, val.labels)}
+    val_groups = {name: ood_sets[of] for name, of in val_sets.items()}
     calibration = {}
     for name in applicable(cfg.scores, test.logits is not None):
         candidates = cfg.candidates(name)
-        hyper, _ = tuning.select_hyper(name, candidates, train.features, train.labels, val.features,
-                                       val.labels, train_logits=train.logits, val_logits=val.logits,
-                                       head=head) if len(candidates) > 1 else (candidates[0], None)
-        score = scores.make_score(name, **hyper).fit(train.features, train.labels, train.logits, head)
+
+        def fitted(hyper, name=name):
+            return scores.make_score(name, **hyper).fit(train.features, train.labels, train.logits, head)
+
+        def val_result(score):
+            per_val = {s: score.score(outputs[s].features, outputs[s].logits) for s in ["val", *val_sets]}
+            by_set = {val_sets[s]: v for s, v in per_val.items() if s != "val"}
+            return set_metrics(per_val["val"], by_set, {val_sets[s]: g for s, g in val_groups.items()})
+
+        if len(candidates) == 1:
+            hyper, table = candidates[0], None
+        elif val_sets:
+            hyper, table = tuning.select_on_val(candidates, lambda h: val_result(fitted(h)), cfg.selection)
+        else:
+            hyper, _ = tuning.select_hyper(name, candidates, train.features, train.labels, val.features,
+                                           val.labels, train_logits=train.logits, val_logits=val.logits, head=head)
+            table = None
+        score = fitted(hyper)
         per_set = {s: score.score(outputs[s].features, outputs[s].logits) for s in ["val", "test", *ood_sets]}
         np.savez(score_dir / f"{variant}__{name}.npz", **{s: v for s, v in per_set.items() if s != "val"})
-        result = {s: metrics.ood_metrics(per_set["test"], per_set[s], name=s) for s in ood_sets}
-        for group in GROUPS:
-            members = [result[s] for s, g in ood_sets.items() if g == group]
-            if members:
-                result[group] = metrics.average(members)
-        entry[name] = {k: result[k] for k in [*(g for g in GROUPS if g in result), *ood_sets]}
+        entry[name] = set_metrics(per_set["test"], per_set, ood_sets)
+        if val_sets:
+            val_entry[name] = val_result(score)
+            val_entry[name]["selection"] = tuning.objective(val_entry[name], cfg.selection)
         calibration[name] = {"hyper": hyper, "tpr": cfg.tpr,
                              "threshold": metrics.threshold_at_tpr(per_set["val"], cfg.tpr)}
-    return entry, calibration
+        if table is not None:
+            calibration[name]["hyper_on_val"] = table
+    return entry, val_entry, calibration
 
 
 @dataclass(frozen=True)
@@ -71,7 +105,8 @@ class Evaluate:
 
     variants: list[str]
     scores: list[str]
-    default_score: str
+    default_score: str   # a score of `scores`, or auto: per variant the best on validation
+    selection: list[str]  # <near|far|set>.<metric> of the validation metrics; their mean decides
     tpr: float
     extra_ood: dict  # read (and checked) by prepare
 
@@ -81,7 +116,8 @@ class Evaluate:
                 raise ParamError(f"evaluate.{name}: {getattr(self, name)!r} is not a non-empty list")
         for s in self.scores:
             check_choice("evaluate.scores", s, scores.SCORES)
-        check_choice("evaluate.default_score", self.default_score, self.scores)
+        check_choice("evaluate.default_score", self.default_score, [AUTO, *self.scores])
+        tuning.check_selection(self.selection, "evaluate.selection")
         check_number("evaluate.tpr", self.tpr, low=0.5, high=0.999)
         for key, tuned in scores.tuned_keys().items():
             tuned.check(getattr(self, key))
@@ -111,6 +147,7 @@ def run(params: dict, features_dir: str | Path = "data/features", models_dir: st
     cfg = config(params)
     info = json.loads((features_dir / "info.json").read_text())
     ood_sets = {n: s["group"] for n, s in info["splits"].items() if s["kind"] == "ood"}
+    val_sets = {n: n[:-len(VAL_SUFFIX)] for n, s in info["splits"].items() if s["kind"] == "ood_val"}
     if not ood_sets:
         raise DataError(f"{features_dir}/info.json lists no OOD sets")
     for name in ood_sets:
@@ -120,19 +157,44 @@ def run(params: dict, features_dir: str | Path = "data/features", models_dir: st
     with atomic.replacing(reports_dir, items=OUTPUTS) as tmp:
         for folder in ("scores", "plots", "roc"):
             (tmp / folder).mkdir()
-        all_metrics, thresholds = {}, {}
+        all_metrics, val_metrics, thresholds = {}, {}, {}
         for variant in cfg.variants:
-            outputs, head = variant_outputs(variant, features_dir, models_dir, [*ID_SPLITS, *ood_sets])
-            entry, calibration = evaluate_variant(variant, outputs, head, ood_sets, cfg, tmp / "scores")
-            all_metrics[variant] = entry
-            default = cfg.default_score if cfg.default_score in calibration else next(iter(calibration))
+            outputs, head = variant_outputs(variant, features_dir, models_dir, [*ID_SPLITS, *ood_sets, *val_sets])
+            entry, val_entry, calibration = evaluate_variant(variant, outputs, head, ood_sets, cfg, tmp / "scores",
+                                                             val_sets)
+            all_metrics[variant], val_metrics[variant] = entry, val_entry
+            default = default_score(cfg, calibration, val_entry)
             thresholds[variant] = {"score": default, **calibration[default]}
             for name, curve in plot_variant(variant, default, tmp / "scores", ood_sets, tmp / "plots").items():
                 (tmp / "roc" / f"{variant}__{name}.json").write_text(json.dumps(curve) + "\n")
+        selection = select_variant(val_metrics, thresholds, cfg)
         (tmp / "metrics.json").write_text(json.dumps(all_metrics, indent=2) + "\n")
+        (tmp / "metrics_val.json").write_text(json.dumps(val_metrics, indent=2) + "\n")
+        (tmp / "selection.json").write_text(json.dumps(selection, indent=2) + "\n")
         (tmp / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
-        (tmp / "results.md").write_text(results_table(all_metrics, info))
+        (tmp / "results.md").write_text(results_table(all_metrics, info, val_metrics, thresholds, selection))
     return all_metrics
+
+
+def default_score(cfg: "Evaluate", calibration: dict, val_entry: dict) -> str:
+    """The variant's default score: `evaluate.default_score`, or with `auto` the best on validation
+    (`evaluate.selection`); a variant without that score (no logits) takes its first."""
+    if cfg.default_score == AUTO:
+        ranked = [s for s in calibration if "selection" in val_entry.get(s, {})]
+        if ranked:
+            return max(ranked, key=lambda s: val_entry[s]["selection"])  # ties: the earlier score
+    return cfg.default_score if cfg.default_score in calibration else next(iter(calibration))
+
+
+def select_variant(val_metrics: dict, thresholds: dict, cfg: "Evaluate") -> dict:
+    """reports/selection.json: every trained variant at its default score by the validation
+    objective, and the best one (what `register.variant: auto` registers). No test data read."""
+    ranked = {v: val_metrics[v][t["score"]].get("selection") for v, t in thresholds.items() if v != FROZEN}
+    ranked = {v: x for v, x in ranked.items() if x is not None}
+    best = max(ranked, key=lambda v: ranked[v]) if ranked else None
+    return {"split": "val", "selection": list(cfg.selection), "variant": best,
+            "score": thresholds[best]["score"] if best else None, "value": ranked.get(best),
+            "candidates": {v: {"score": thresholds[v]["score"], "value": x} for v, x in ranked.items()}}
 
 
 # ---------------------------------------------------------------- report
@@ -187,27 +249,40 @@ def plots_html(reports_dir: str | Path) -> str:
     return "\n".join(parts + ["</body></html>"])
 
 
-def results_table(all_metrics: dict, info: dict) -> str:
-    """Markdown: variants x scores, near/far AUROC and FPR95 (%), ID accuracy; best per column in bold."""
+def results_table(all_metrics: dict, info: dict, val_metrics: dict | None = None, thresholds: dict | None = None,
+                  selection: dict | None = None) -> str:
+    """Markdown: variants x scores on the test parts, near/far AUROC and FPR95 (%), every OOD set's
+    AUROC, ID accuracy and the validation objective; best per column in bold; then which variant
+    validation chose and why, and which sets are saturated."""
+    val_metrics, thresholds = val_metrics or {}, thresholds or {}
+    sets = [k for k in info["splits"] if info["splits"][k]["kind"] == "ood"]
     rows = []
     for variant, entry in all_metrics.items():
         for score, m in entry.items():
             if score == "id_accuracy":
                 continue
-            rows.append([variant, score, entry["id_accuracy"],
+            default = (thresholds.get(variant) or {}).get("score") == score
+            rows.append([variant, score + (" *" if default else ""), entry["id_accuracy"],
                          m.get("near", {}).get("auroc"), m.get("near", {}).get("fpr95"),
-                         m.get("far", {}).get("auroc"), m.get("far", {}).get("fpr95")])
+                         m.get("far", {}).get("auroc"), m.get("far", {}).get("fpr95"),
+                         *(m.get(s, {}).get("auroc") for s in sets),
+                         (val_metrics.get(variant, {}).get(score) or {}).get("selection")])
+    lower = {4, 6}
     best = {}
-    for col, higher in ((2, True), (3, True), (4, False), (5, True), (6, False)):
+    for col in range(2, 8 + len(sets)):
         values = [r[col] for r in rows if r[col] is not None]
         if values:
-            best[col] = max(values) if higher else min(values)
+            best[col] = min(values) if col in lower else max(values)
     lines = [
         f"# OOD detection results ({info['backbone']}, {info['image_size']} px)", "",
-        "AUROC and FPR95 in %, ID is the positive class (FPR95 = OOD accepted at 95% ID TPR). "
-        "Best per column in bold.", "",
-        "| variant | score | ID acc | near AUROC | near FPR95 | far AUROC | far FPR95 |",
-        "|---|---|---|---|---|---|---|",
+        "Test parts of the OOD sets. AUROC and FPR95 in %, ID is the positive class (FPR95 = OOD "
+        "accepted at 95% ID TPR); far = the mean of the far sets, each shown beside it. `val` = the "
+        "validation objective (mean of " + ", ".join(selection["selection"] if selection else ["-"]) +
+        " on ID val against each OOD set's validation part), what every choice reads. "
+        "* = the variant's default score. Best per column in bold.", "",
+        "| variant | score | ID acc | near AUROC | near FPR95 | far AUROC | far FPR95 | "
+        + "".join(f"{s} AUROC | " for s in sets) + "val |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(sets) + "---|",
     ]
     for r in rows:
         cells = []
@@ -215,6 +290,20 @@ def results_table(all_metrics: dict, info: dict) -> str:
             text = "-" if value is None else f"{100 * value:.1f}"
             cells.append(f"**{text}**" if value is not None and np.isclose(value, best[col]) else text)
         lines.append(f"| {r[0]} | {r[1]} | " + " | ".join(cells) + " |")
+    if selection and selection.get("variant"):
+        others = sorted(((v, c["value"]) for v, c in selection["candidates"].items() if v != selection["variant"]),
+                        key=lambda item: -item[1])
+        lines += ["", "## Selection (validation only)", "",
+                  f"`register.variant: auto` registers **{selection['variant']}** ({selection['score']}): "
+                  f"its validation objective {100 * selection['value']:.1f} is the best of the trained "
+                  "variants at their default scores"
+                  + (" (" + ", ".join(f"{v} {100 * x:.1f}" for v, x in others) + ")" if others else "") + "."]
+    saturated = [s for s in sets if all(
+        (entry.get(t["score"]) or {}).get(s, {}).get("auroc", 0) >= 0.99
+        for v, t in thresholds.items() for entry in [all_metrics[v]])]
+    if saturated:
+        lines += ["", f"Saturated (every variant's default score >= 99 AUROC): {', '.join(saturated)}; "
+                  "the far average says little beyond the other far sets."]
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,11 @@ model `register.model_name`, whose artifact is a `Detector` bundle served by the
 pyfunc in serving/model.py. The version's tags say what it is (variant, dataset,
 near/far AUROC and FPR95, gate metric) and what the gate decided.
 
+Which variant: `register.variant` (a name), or `auto`: the trained variant evaluate chose
+on validation (reports/selection.json). The gate reads that variant's validation metrics
+(reports/metrics_val.json: ID val against each OOD set's validation part; recorded as
+`gate_split: val`), never the test parts.
+
 The gate: alias `champion` moves to the new version only if its gate metric
 beats the champion's by more than `register.margin` and its ID accuracy is at
 most `register.accuracy_tolerance` below the champion's; otherwise the version
@@ -49,6 +54,9 @@ from mofe_ood.serving.gate import CHALLENGER, CHAMPION, Candidate, Decision, can
 from mofe_ood.serving.tracking import connect, experiment_id, shown, tracking_uri
 
 log = logging.getLogger(__name__)
+
+
+AUTO = "auto"  # register.variant: the best trained variant on validation (evaluate's selection.json)
 
 
 class PromotionRefused(UserError):
@@ -196,15 +204,17 @@ def run(params: dict, models_dir: str | Path = "models", reports_dir: str | Path
     p = config(params)
     models_dir, reports_dir, features_dir = Path(models_dir), Path(reports_dir), Path(features_dir)
     out = Path(out) if out is not None else reports_dir / "registration.json"
-    variant = p.variant
+    variant = chosen_variant(p, reports_dir)
     metrics_all = _read_json(reports_dir / "metrics.json")
+    metrics_val = _read_json(reports_dir / "metrics_val.json")
     thresholds = _read_json(reports_dir / "thresholds.json")
     info = _read_json(features_dir / "info.json")
     if variant not in metrics_all or variant not in thresholds:
         raise ParamError(f"register.variant: {variant!r} was not evaluated (reports/metrics.json has "
                          f"{', '.join(metrics_all) or 'nothing'})")
     entry, score = metrics_all[variant], thresholds[variant]["score"]
-    new = candidate(variant, entry, score, p.gate_metric, benchmark_id(info))
+    # The gate reads validation metrics only: the registered number carries no winner's curse.
+    new = candidate(variant, metrics_val.get(variant, {}), score, p.gate_metric, benchmark_id(info), "val")
 
     uri = tracking_uri()
     client = connect(uri)  # fails here, before any work or write, when the server is down
@@ -221,13 +231,26 @@ def run(params: dict, models_dir: str | Path = "models", reports_dir: str | Path
     return result
 
 
+def chosen_variant(p: Config, reports_dir: Path) -> str:
+    """`register.variant`, or with `auto` the one evaluate chose on validation (reports/selection.json)."""
+    if p.variant != AUTO:
+        return p.variant
+    selection = _read_json(reports_dir / "selection.json")
+    if not selection.get("variant"):
+        raise ParamError("register.variant: auto, but evaluate chose no variant on validation (no trained "
+                         "variant with validation metrics: prepare.ood_split.val_fraction > 0 and a trained "
+                         "variant in evaluate.variants); name one instead")
+    return selection["variant"]
+
+
 def _register(client, uri, p, params, new: Candidate, entry, info, bundle: Path, digest: str,
               reports_dir: Path, lineage: dict[str, str] | None = None) -> dict:
     import mlflow
 
     name = p.model_name
     summary = {"model_name": name, "tracking_uri": shown(uri), "variant": new.variant,
-               "content_hash": digest, "gate_metric": new.gate_metric, "gate_value": new.gate_value}
+               "content_hash": digest, "gate_metric": new.gate_metric, "gate_split": new.gate_split,
+               "gate_value": new.gate_value}
     existing = _version_with_hash(client, name, digest)
     if existing is not None and existing.tags.get("registration") == "done":
         aliases = [a for a, v in client.get_registered_model(name).aliases.items()
@@ -291,7 +314,7 @@ def _log_run(params: dict, entry: dict, info: dict, reports_dir: Path, new: Cand
     where = {k: v for k, v in (lineage or {}).items() if v} or dvc_hashes()
     mlflow.set_tags({**git_state(), **where, "variant": new.variant, "score": new.score,
                      "backbone": info["backbone"], "image_size": str(info["image_size"])})
-    for f in ("results.md", "metrics.json", "thresholds.json"):
+    for f in ("results.md", "metrics.json", "metrics_val.json", "selection.json", "thresholds.json"):
         if (reports_dir / f).is_file():
             mlflow.log_artifact(str(reports_dir / f), "reports")
     if (reports_dir / "plots").is_dir():
@@ -314,7 +337,7 @@ def _version_tags(new: Candidate, entry: dict, info: dict, digest: str, decision
     source = ((params.get("prepare") or {}).get("id") or {}).get("source", "?")
     tags = {"variant": new.variant, "score": new.score, "dataset": f"{source} ({len(info['classes'])} classes)",
             "benchmark": new.benchmark, "backbone": info["backbone"], "gate_metric": new.gate_metric,
-            "gate_value": repr(new.gate_value), "id_accuracy": repr(new.id_accuracy),
+            "gate_split": new.gate_split, "gate_value": repr(new.gate_value), "id_accuracy": repr(new.id_accuracy),
             "content_hash": digest, "registration": "pending", "decision": decision.alias,
             "reason": f"gate: {decision.reason}"}
     if os.environ.get("DVC_EXP_NAME"):

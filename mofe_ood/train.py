@@ -1,7 +1,10 @@
 """Stage `train`: heads on the cached frozen features, one folder per variant.
 
-Variants (`train.variants`, training/heads.py): `linear`, `mlp`, `mofe` and
-`mofe_dynmix` (MoFE + Dynamic-β Mixup: the method); with `finetune.enabled`
+Variants (`train.variants`, training/heads.py): on the pooled frozen features
+`linear`, `mlp`, `mofe` and `mofe_dynmix` (MLP experts, ours); on the cached trunk
+activations (extract.top_blocks) `top` (the backbone's top fine-tuned, no experts),
+`mofe_block` and `mofe_block_dynmix` (the paper's MoFE: copies of the top as
+experts, + Dynamic-β Mixup: the method); with `finetune.enabled`
 also the fine-tuned MoFE on images (training/finetuning.py), as
 `finetune.variant`, after the heads. The training itself is the library's
 (mofe_ood/training/); this module reads params and folders and writes outputs.
@@ -38,18 +41,21 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mofe_ood.atomic import replacing
-from mofe_ood.backbones import is_vit
+from mofe_ood.backbones import is_vit, preprocess_config
 from mofe_ood.config import as_dict, base
 from mofe_ood.params import ParamError
 from mofe_ood.training import distributed, finetuning
-from mofe_ood.training.data import load_data
+from mofe_ood.splits import load_features, load_trunk
+from mofe_ood.training.data import load_data, load_trunk_data
 from mofe_ood.training.head_training import train_variant
-from mofe_ood.training.heads import save_weights, trained_variants, write_config
+from mofe_ood.training.heads import (VARIANTS, FinetunedMoFE, frozen_backbone, save_image_model, save_weights,
+                                     trained_variants, write_config)
 from mofe_ood.training.history import history_markdown, write_history
-from mofe_ood.training.settings import TrainConfig, finetune_config, train_config
+from mofe_ood.training.settings import TRUNK_VARIANTS, TrainConfig, finetune_config, train_config
 
 __all__ = ["config", "run", "history_markdown"]
 log = logging.getLogger(__name__)
@@ -88,6 +94,9 @@ def run(params: dict, features_dir: str | Path = "data/features", models_dir: st
     if world.distributed:
         log.info("train: rank %d of %d on %s", world.rank, world.size, world.device)
     data = load_data(features_dir)
+    trunk, backbone, backbone_spec = None, None, None
+    if any(VARIANTS[v].trunk for v in cfg.variants):
+        trunk, backbone, backbone_spec = _trunk_inputs(features_dir, info, params)
     summary = {}
     with replacing(models_dir, enabled=world.main) as tmp:
         with torch.random.fork_rng(devices=[]):
@@ -98,8 +107,12 @@ def run(params: dict, features_dir: str | Path = "data/features", models_dir: st
                 for variant in cfg.variants:
                     ckpt_dir = Path(cfg.checkpoint_dir) / variant if cfg.checkpoint_dir else None
                     start = time.perf_counter()
-                    model, arch, history = train_variant(variant, cfg, data, seed, ckpt_dir, world)
-                    if world.main:
+                    model, arch, history = train_variant(variant, cfg, data, seed, ckpt_dir, world, trunk, backbone,
+                                                         backbone_spec)
+                    if world.main and VARIANTS[variant].trunk:
+                        _write_trunk_variant(tmp / variant, variant, model, backbone, history, cfg, seed,
+                                             features_dir, info)
+                    elif world.main:
                         _write_variant(tmp / variant, variant, model, arch, history, cfg, seed, data, info)
                     summary[variant] = {"val_accuracy": history[-1]["val_accuracy"], "epochs": len(history)}
                     log.info("train %s: %.1f s", variant, time.perf_counter() - start)
@@ -127,6 +140,38 @@ def _write_variant(out: Path, variant: str, model, arch: dict, history: list[dic
                        "params": {"seed": seed, "train": as_dict(cfg)},
                        "val_accuracy": history[-1]["val_accuracy"] if history else None})
     write_history(out / "history.csv", history)
+
+
+def _trunk_inputs(features_dir: Path, info: dict, params: dict):
+    """What the trunk variants train on: the cached trunk, the frozen backbone their experts copy."""
+    top = info.get("trunk")
+    if not top:
+        raise ParamError(f"train.variants: {', '.join(TRUNK_VARIANTS)} read the trunk activations, but "
+                         f"{features_dir} has none: set extract.top_blocks >= 1 and run extract again")
+    backbone = frozen_backbone(info["backbone"], str(info["weights"]), int(info["image_size"]), base(params).seed)
+    spec = {"backbone": info["backbone"], "image_size": int(info["image_size"]), "top_blocks": int(top["top_blocks"])}
+    return load_trunk_data(features_dir, load_data(features_dir)), backbone.eval(), spec
+
+
+@torch.inference_mode()
+def _write_trunk_variant(out: Path, variant: str, model, backbone, history: list[dict], cfg: TrainConfig,
+                         seed: int, features_dir: Path, info: dict) -> None:
+    """A trunk variant as an image model (heads.save_image_model): the frozen backbone's trunk + the
+    trained MoFE, and its routed features of every split, computed from the cached trunk."""
+    def split_features():
+        for split in info["splits"]:
+            x, labels = load_trunk(features_dir, split), load_features(features_dir, split)[1]
+            feats = [model(torch.from_numpy(x[i:i + 1024].astype(np.float32)))["feature"].numpy()
+                     for i in range(0, len(x), 1024)]
+            yield split, np.concatenate(feats) if feats else np.zeros((0, model.dim), np.float32), labels
+
+    out.mkdir(parents=True)
+    prep = preprocess_config(backbone, int(info["image_size"]))
+    save_image_model(out, variant, FinetunedMoFE(backbone, model.eval()), split_features(), info["splits"],
+                     list(info["classes"]),
+                     {"backbone": info["backbone"], "weights": info["weights"], "image_size": info["image_size"],
+                      "mean": prep.mean, "std": prep.std, "backbone_kwargs": {}},
+                     {"seed": seed, "train": as_dict(cfg), "top_blocks": info["trunk"]["top_blocks"]}, history)
 
 
 def _launch(processes: int, params: dict, features_dir: Path, models_dir: Path, prepared_dir) -> None:
