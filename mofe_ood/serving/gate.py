@@ -2,8 +2,9 @@
 
 A new model takes `champion` only when it beats the champion's gate metric (same
 benchmark, same score and metric, read on the OOD validation parts: never on test
-data) by more than `margin` without losing more than `accuracy_tolerance` of ID accuracy; otherwise it becomes `challenger`, with the
-reason spelled out. register.py applies the decision; `mofe promote` asks it too.
+data) by more than `margin` without losing more than `accuracy_tolerance` of ID
+accuracy; otherwise it becomes `challenger`, with the reason spelled out.
+register.py applies the decision; `mofe promote` asks it too.
 """
 
 from __future__ import annotations
