@@ -90,11 +90,11 @@ def evaluate_variant(variant: str, outputs: dict[str, Outputs], head, ood_sets: 
         entry[name] = set_metrics(per_set["test"], per_set, ood_sets)
         if val_sets:
             val_entry[name] = val_result(score)
-            val_entry[name]["selection"] = tuning.objective(val_entry[name], cfg.selection)
+            # what was chosen, and from what: every candidate's validation objective
+            val_entry[name].update(selection=tuning.objective(val_entry[name], cfg.selection), hyper=hyper,
+                                   candidates=table or [{"hyper": hyper}])
         calibration[name] = {"hyper": hyper, "tpr": cfg.tpr,
                              "threshold": metrics.threshold_at_tpr(per_set["val"], cfg.tpr)}
-        if table is not None:
-            calibration[name]["hyper_on_val"] = table
     return entry, val_entry, calibration
 
 
