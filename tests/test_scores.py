@@ -290,7 +290,8 @@ def test_choices_read_the_ood_validation_parts_and_never_the_test_parts(tmp_path
     results = {}
     for name, test_ood in (("a", x_ood), ("b", x_test[:100] + 5.0)):
         splits = {"train": (x_train, y_train, None), "val": (x_val, y_val, None), "test": (x_test, y_test, None),
-                  "ood_val": (near_id, -np.ones(len(near_id)), "far"), "ood": (test_ood, -np.ones(len(test_ood)), "far")}
+                  "ood_val": (near_id, -np.ones(len(near_id)), "far"),
+                  "ood": (test_ood, -np.ones(len(test_ood)), "far")}
         write_features(tmp_path / name / "features", splits)
         info = json.loads((tmp_path / name / "features" / "info.json").read_text())
         info["splits"]["ood_val"]["kind"] = "ood_val"
