@@ -308,3 +308,31 @@ def test_trunk_variants_need_the_cached_trunk(tmp_path, prepared_images, train_p
     extract.run(params, data, tmp_path / "features")
     with pytest.raises(ParamError, match="extract.top_blocks >= 1"):
         train.run(params, tmp_path / "features", tmp_path / "models", data)
+
+
+def test_a_trunk_variant_is_served_through_its_image_model(trunk_run, tmp_path):
+    """bundle/detector load a trunk variant as a fine-tuned one (torch runtime): images -> the
+    frozen trunk -> the routed expert -> the head; the KNN score evaluate computes, to the
+    float16 cache's rounding, and the same numbers after a bundle round trip."""
+    from mofe_ood import scores
+    from mofe_ood.serving import bundle
+    from mofe_ood.splits import load_features, load_split
+
+    root, params, _ = trunk_run
+    variant, models = "mofe_block_dynmix", root / "models"
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "thresholds.json").write_text(json.dumps(
+        {variant: {"score": "knn", "hyper": {"k": 3}, "tpr": 0.95, "threshold": -0.5}}))
+    detector = bundle.from_pipeline(variant, models, root / "features", tmp_path / "reports", params)
+    assert detector.finetuned
+    images = load_split(root / "prepared", "ood").images
+    got = detector.predict(images)
+    head, _ = heads.load_model(models / variant)
+    with torch.inference_mode():
+        train_out, ood_out = (head(torch.from_numpy(load_features(models / variant / "features", s)[0]))
+                              for s in ("train", "ood"))
+    knn = scores.make_score("knn", k=3).fit(train_out["feature"].numpy(), None)
+    np.testing.assert_allclose(got.ood_score, knn.score(ood_out["feature"].numpy()), atol=2e-3)
+    loaded = bundle.load(bundle.save(detector, tmp_path / "bundle", runtime="onnxruntime"))
+    assert loaded.session is None  # an image model runs on torch, whatever serve.runtime says
+    np.testing.assert_array_equal(loaded.predict(images).ood_score, got.ood_score)
