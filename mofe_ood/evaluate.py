@@ -2,7 +2,13 @@
 
 Outputs under `reports/` (their layout is part of the interface):
 - `metrics.json`: {variant: {"id_accuracy": float | null, score: {"near": M, "far": M, <set>: M}}}
-  with M = {auroc, fpr95, fpr95_openood, aupr_in, aupr_out}, fractions in [0, 1];
+  with M = {auroc, fpr95, fpr95_openood, aupr_in, aupr_out}, fractions in [0, 1], on the
+  OOD sets' test parts (reported, never read by a choice);
+- `metrics_val.json`: the same on validation (ID val against each OOD set's validation
+  part `<set>_val`), plus per score `selection` (the objective, `evaluate.selection`),
+  the chosen `hyper` and every candidate's objective: what every choice reads;
+- `selection.json`: the best trained variant on validation (`register.variant: auto`);
+- `seeds.json`: per variant trained with `train.seeds`, each seed's metrics, mean and sd;
 - `scores/<variant>__<score>.npz`: per-sample scores (higher = more ID), one array
   per set (`test` = ID test, then each OOD set);
 - `results.md`: the table a person reads first;
@@ -11,7 +17,10 @@ Outputs under `reports/` (their layout is part of the interface):
 - `roc/<variant>__<OOD set>.json` (DVC plot data: one file per curve, so `dvc plots show`
   draws each as its own line) and `plots/*.png`: ROC curves and score histograms.
 Score hyper-parameters (KNN's K, ViM's dim: each score's `tuned`, candidates in this
-section of params.yaml) are chosen on ID data only (mofe_ood.tuning).
+section of params.yaml), `default_score: auto` and the variant are chosen on validation
+(mofe_ood.tuning; OpenOOD v1.5's protocol). Without OOD validation parts
+(`prepare.ood_split.val_fraction: 0`) hyper-parameters fall back to ID data only
+(held-out classes as pseudo-OOD, ours) and nothing else is chosen.
 """
 
 from __future__ import annotations
@@ -32,8 +41,8 @@ from mofe_ood.training.heads import FROZEN, Outputs, trained_variants, variant_o
 
 ID_SPLITS = ("train", "val", "test")
 AUTO = "auto"  # evaluate.default_score: the best score on validation, per variant
-OUTPUTS = ("metrics.json", "metrics_val.json", "selection.json", "thresholds.json", "roc", "results.md", "scores",
-           "plots")  # as dvc.yaml lists them
+OUTPUTS = ("metrics.json", "metrics_val.json", "selection.json", "seeds.json", "thresholds.json", "roc",
+           "results.md", "scores", "plots")  # as dvc.yaml lists them
 
 
 def applicable(score_names: list[str], has_logits: bool) -> list[str]:
@@ -168,12 +177,63 @@ def run(params: dict, features_dir: str | Path = "data/features", models_dir: st
             for name, curve in plot_variant(variant, default, tmp / "scores", ood_sets, tmp / "plots").items():
                 (tmp / "roc" / f"{variant}__{name}.json").write_text(json.dumps(curve) + "\n")
         selection = select_variant(val_metrics, thresholds, cfg)
+        seeds = seed_spread(cfg, features_dir, models_dir, thresholds, all_metrics, val_metrics, ood_sets, val_sets,
+                            tmp / "scores")
         (tmp / "metrics.json").write_text(json.dumps(all_metrics, indent=2) + "\n")
         (tmp / "metrics_val.json").write_text(json.dumps(val_metrics, indent=2) + "\n")
         (tmp / "selection.json").write_text(json.dumps(selection, indent=2) + "\n")
+        (tmp / "seeds.json").write_text(json.dumps(seeds, indent=2) + "\n")
         (tmp / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
-        (tmp / "results.md").write_text(results_table(all_metrics, info, val_metrics, thresholds, selection))
+        (tmp / "results.md").write_text(results_table(all_metrics, info, val_metrics, thresholds, selection)
+                                        + seeds_table(seeds))
     return all_metrics
+
+
+def seed_spread(cfg: "Evaluate", features_dir: Path, models_dir: Path, thresholds: dict, all_metrics: dict,
+                val_metrics: dict, ood_sets: dict, val_sets: dict, score_dir: Path) -> dict:
+    """reports/seeds.json: for each variant trained with more seeds (train.seeds, under
+    models/<variant>/seeds/<seed>/), its default score's test metrics per seed and their mean and
+    sd (each seed's hyper-parameters chosen on validation as the variant's were), the val objective too."""
+    out = {}
+    for variant, calibration in thresholds.items():
+        folder = models_dir / variant / "seeds"
+        if variant == FROZEN or not folder.is_dir():
+            continue
+        score = calibration["score"]
+        one = dataclasses.replace(cfg, scores=[score])
+        rows = {"base": _seed_row(all_metrics[variant], val_metrics[variant], score, ood_sets)}
+        for run in sorted(folder.iterdir(), key=lambda p: int(p.name)):
+            outputs, head = variant_outputs(run.name, features_dir, folder, [*ID_SPLITS, *ood_sets, *val_sets])
+            entry, val_entry, _ = evaluate_variant(f"{variant}__seed{run.name}", outputs, head, ood_sets, one,
+                                                   score_dir, val_sets)
+            (score_dir / f"{variant}__seed{run.name}__{score}.npz").unlink()  # per-sample scores: the base seed's only
+            rows[run.name] = _seed_row(entry, val_entry, score, ood_sets)
+        keys = list(rows["base"])
+        out[variant] = {"score": score, "seeds": rows,
+                        "mean": {k: float(np.mean([r[k] for r in rows.values()])) for k in keys},
+                        "sd": {k: float(np.std([r[k] for r in rows.values()], ddof=1)) for k in keys}}
+    return out
+
+
+def _seed_row(entry: dict, val_entry: dict, score: str, ood_sets: dict) -> dict:
+    m = entry[score]
+    row = {"id_accuracy": entry["id_accuracy"], "near.auroc": m.get("near", {}).get("auroc"),
+           "far.auroc": m.get("far", {}).get("auroc"), **{f"{s}.auroc": m[s]["auroc"] for s in ood_sets},
+           "val": (val_entry.get(score) or {}).get("selection")}
+    return {k: v for k, v in row.items() if v is not None}
+
+
+def seeds_table(seeds: dict) -> str:
+    """results.md's section on seeds: mean ± sd (%) over base.seed and train.seeds."""
+    if not seeds:
+        return ""
+    keys = list(next(iter(seeds.values()))["mean"])
+    lines = ["", "## Seeds (mean ± sd over base.seed and train.seeds, test parts; val = the objective)", "",
+             "| variant | score | seeds | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
+    for variant, s in seeds.items():
+        cells = [f"{100 * s['mean'][k]:.1f} ± {100 * s['sd'][k]:.1f}" for k in keys]
+        lines.append(f"| {variant} | {s['score']} | {len(s['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def default_score(cfg: "Evaluate", calibration: dict, val_entry: dict) -> str:

@@ -15,6 +15,8 @@ Output per variant, `<models_dir>/<variant>/`:
   groups, the params used, the final ID validation accuracy;
 - `history.csv`: one row per epoch (DVC plot data): epoch, phase, loss, lr,
   ID val accuracy, the mixup alpha of every class in use.
+and for each of `train.seeds` (other seeds than base.seed, ours: mean ± sd in
+results.md) the same under `<models_dir>/<variant>/seeds/<seed>/`;
 plus `<models_dir>/metrics.json` (per variant: final val accuracy, epochs; no timings: DVC
 tracks the folder, and its hash must be the same on every machine. Timings go to the log).
 
@@ -82,6 +84,8 @@ def run(params: dict, features_dir: str | Path = "data/features", models_dir: st
     move at the end. More than one process: relaunch under torchrun and return rank 0's summary."""
     cfg, finetune = _check(params)
     seed = base(params).seed
+    if seed in cfg.seeds:
+        raise ParamError(f"train.seeds: {cfg.seeds!r} repeats base.seed {seed} (list only the other seeds)")
     features_dir, models_dir = Path(features_dir), Path(models_dir)
     info = json.loads((features_dir / "info.json").read_text())
     if any(v.startswith("mofe") for v in cfg.variants):
@@ -105,17 +109,21 @@ def run(params: dict, features_dir: str | Path = "data/features", models_dir: st
                 if cfg.num_threads:
                     torch.set_num_threads(cfg.num_threads)
                 for variant in cfg.variants:
-                    ckpt_dir = Path(cfg.checkpoint_dir) / variant if cfg.checkpoint_dir else None
-                    start = time.perf_counter()
-                    model, arch, history = train_variant(variant, cfg, data, seed, ckpt_dir, world, trunk, backbone,
-                                                         backbone_spec)
-                    if world.main and VARIANTS[variant].trunk:
-                        _write_trunk_variant(tmp / variant, variant, model, backbone, history, cfg, seed,
-                                             features_dir, info)
-                    elif world.main:
-                        _write_variant(tmp / variant, variant, model, arch, history, cfg, seed, data, info)
-                    summary[variant] = {"val_accuracy": history[-1]["val_accuracy"], "epochs": len(history)}
-                    log.info("train %s: %.1f s", variant, time.perf_counter() - start)
+                    # base.seed's model is the variant's; each of train.seeds adds one under seeds/<seed>/
+                    for run_seed in (seed, *cfg.seeds):
+                        where = variant if run_seed == seed else f"{variant}/seeds/{run_seed}"
+                        ckpt_dir = Path(cfg.checkpoint_dir) / where if cfg.checkpoint_dir else None
+                        start = time.perf_counter()
+                        model, arch, history = train_variant(variant, cfg, data, run_seed, ckpt_dir, world, trunk,
+                                                             backbone, backbone_spec)
+                        if world.main and VARIANTS[variant].trunk:
+                            _write_trunk_variant(tmp / where, variant, model, backbone, history, cfg, run_seed,
+                                                 features_dir, info)
+                        elif world.main:
+                            _write_variant(tmp / where, variant, model, arch, history, cfg, run_seed, data, info)
+                        if run_seed == seed:
+                            summary[variant] = {"val_accuracy": history[-1]["val_accuracy"], "epochs": len(history)}
+                        log.info("train %s (seed %d): %.1f s", variant, run_seed, time.perf_counter() - start)
             finally:
                 torch.set_num_threads(threads)
         if world.main and finetune:
@@ -123,7 +131,7 @@ def run(params: dict, features_dir: str | Path = "data/features", models_dir: st
         if world.main:
             (tmp / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     if world.main and cfg.checkpoint_dir:  # finished: the checkpoints have served
-        for variant in cfg.variants:
+        for variant in cfg.variants:  # (seeds/ of train.seeds lie inside each variant's folder)
             shutil.rmtree(Path(cfg.checkpoint_dir) / variant, ignore_errors=True)
     world.barrier()  # the other ranks leave once rank 0 has written
     distributed.shutdown(world)

@@ -316,3 +316,38 @@ def test_choices_read_the_ood_validation_parts_and_never_the_test_parts(tmp_path
     assert read_a["selection.json"]["split"] == "val" and read_a["selection.json"]["variant"] is None  # frozen only
     with pytest.raises(ParamError, match="evaluate.selection: 'near.accuracy'"):
         evaluate.config(merged(params, {"evaluate": {"selection": ["near.accuracy"]}}))
+
+
+def test_train_seeds_give_mean_and_sd_in_the_report(tmp_path, data):
+    """train.seeds trains each variant again per seed (models/<variant>/seeds/<seed>/); evaluate
+    reports each seed's default-score metrics and their mean ± sd (seeds.json, results.md)."""
+    from mofe_ood import train
+
+    x_train, y_train, x_val, y_val, x_ood, _ = data
+    x_test, y_test = synthetic(seed=1)[2:4]
+    features = tmp_path / "features"
+    write_features(features, {"train": (x_train, y_train, None), "val": (x_val, y_val, None),
+                              "test": (x_test, y_test, None), "ood_val": (x_ood[:50], -np.ones(50), "far"),
+                              "ood": (x_ood[50:], -np.ones(100), "far")})
+    info = json.loads((features / "info.json").read_text())
+    info["splits"]["ood_val"]["kind"] = "ood_val"
+    info["classes"] = [f"c{i}" for i in range(4)]
+    (features / "info.json").write_text(json.dumps(info))
+    params = merged(load("params.yaml"), {"train": {"variants": ["linear"], "seeds": [1, 2], "epochs": 3},
+                                          "evaluate": {"variants": ["linear"], "scores": ["energy"],
+                                                       "default_score": "energy", "selection": ["far.auroc"]}})
+    train.run(params, features, tmp_path / "models")
+    runs = [tmp_path / "models" / "linear" / p for p in (".", "seeds/1", "seeds/2")]
+    weights = [(r / "model.safetensors").read_bytes() for r in runs]
+    assert len(set(weights)) == 3  # three seeds, three models
+    evaluate.run(params, features, tmp_path / "models", tmp_path / "reports")
+    seeds = json.loads((tmp_path / "reports" / "seeds.json").read_text())["linear"]
+    assert list(seeds["seeds"]) == ["base", "1", "2"] and seeds["score"] == "energy"
+    values = [r["far.auroc"] for r in seeds["seeds"].values()]
+    assert seeds["mean"]["far.auroc"] == pytest.approx(np.mean(values))
+    assert seeds["sd"]["far.auroc"] == pytest.approx(np.std(values, ddof=1))
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert seeds["seeds"]["base"]["far.auroc"] == metrics["linear"]["energy"]["far"]["auroc"]
+    assert "## Seeds" in (tmp_path / "reports" / "results.md").read_text()
+    with pytest.raises(ParamError, match="repeats base.seed 0"):
+        train.run(merged(params, {"train": {"seeds": [0]}}), features, tmp_path / "again")

@@ -26,7 +26,7 @@ from mofe_ood.training.loop import (Loop, Step, batches, decay_groups, fit, per_
 from mofe_ood.training.settings import TrainConfig
 
 # What the weights do not depend on (a checkpoint of a run differing only in these is resumed).
-NOT_IN_FINGERPRINT = ("variants", "checkpoint_dir", "num_threads", "gpus", "processes")
+NOT_IN_FINGERPRINT = ("variants", "seeds", "checkpoint_dir", "num_threads", "gpus", "processes")
 
 
 def schedule(variant: str, cfg: TrainConfig) -> list[Step]:

@@ -127,6 +127,7 @@ class TrainConfig:
     mofe: MofeConfig
     dynmix: DynmixConfig
     top: TopConfig
+    seeds: list            # more seeds than base.seed: each variant again per seed, under <variant>/seeds/<seed>/
     checkpoint_dir: str | None
     num_threads: int | None
     gpus: int
@@ -140,6 +141,10 @@ class TrainConfig:
             check_choice("train.variants", v, HEAD_VARIANTS)
         if len(set(variants)) != len(variants):
             raise ParamError(f"train.variants: {variants!r} lists a variant twice")
+        if not isinstance(self.seeds, list) or len(set(self.seeds)) != len(self.seeds):
+            raise ParamError(f"train.seeds: {self.seeds!r} must be a list of distinct seeds ([] for none)")
+        for s in self.seeds:
+            check_number("train.seeds", s, low=0, integer=True)
         for key in ("epochs", "expert_epochs", "router_epochs", "batch_size", "hidden_features"):
             check_number(f"train.{key}", getattr(self, key), low=1, integer=True)
         _positive("train.lr", self.lr)
