@@ -10,7 +10,9 @@ On pooled features a `stem` of MLP blocks stands in for the backbone layers
 below the paper's last block: trained in phase 1, frozen after, and read by
 the router. (The paper's router reads the fine-tuned CLS token entering the
 last block; a linear router on frozen features is only as good as a linear
-probe.) With block experts the ViT trunk plays this part (training/finetuning.py).
+probe.) With block experts the backbone's trunk plays this part: a fine-tuned ViT's
+(training/finetuning.py), or the frozen backbone's cached activations (the train stage's
+trunk variants), which the router reads through `router_input`.
 
 Expert kinds are a registry (`EXPERTS`, filled by `@register_expert(name)`) of
 modules with one constructor signature `(dim, hidden_features, drop, init_from)`
