@@ -20,7 +20,9 @@ def evaluate(base: str, train: str, finetune: str, evaluate: str, register: str,
     import json
     from pathlib import Path
 
-    variant = params["register"]["variant"]
+    from mofe_ood.serving.gate import registered_variant
+
+    variant = registered_variant(params["register"]["variant"], reports.path)  # auto: chosen on validation
     thresholds = json.loads((Path(reports.path) / "thresholds.json").read_text())
     for name, value in stage.headline(all_metrics, thresholds, variant).items():
         if isinstance(value, str):

@@ -50,13 +50,11 @@ from mofe_ood.errors import UserError
 from mofe_ood.params import ParamError, check_number
 from mofe_ood.serving import pyfunc
 from mofe_ood.serving.bundle import from_pipeline, save, serve
-from mofe_ood.serving.gate import CHALLENGER, CHAMPION, Candidate, Decision, candidate, decide, gate_metric
+from mofe_ood.serving.gate import (CHALLENGER, CHAMPION, Candidate, Decision, candidate, decide, gate_metric,
+                                   registered_variant)
 from mofe_ood.serving.tracking import connect, experiment_id, shown, tracking_uri
 
 log = logging.getLogger(__name__)
-
-
-AUTO = "auto"  # register.variant: the best trained variant on validation (evaluate's selection.json)
 
 
 class PromotionRefused(UserError):
@@ -204,7 +202,7 @@ def run(params: dict, models_dir: str | Path = "models", reports_dir: str | Path
     p = config(params)
     models_dir, reports_dir, features_dir = Path(models_dir), Path(reports_dir), Path(features_dir)
     out = Path(out) if out is not None else reports_dir / "registration.json"
-    variant = chosen_variant(p, reports_dir)
+    variant = registered_variant(p.variant, reports_dir)
     metrics_all = _read_json(reports_dir / "metrics.json")
     metrics_val = _read_json(reports_dir / "metrics_val.json")
     thresholds = _read_json(reports_dir / "thresholds.json")
@@ -229,18 +227,6 @@ def run(params: dict, models_dir: str | Path = "models", reports_dir: str | Path
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def chosen_variant(p: Config, reports_dir: Path) -> str:
-    """`register.variant`, or with `auto` the one evaluate chose on validation (reports/selection.json)."""
-    if p.variant != AUTO:
-        return p.variant
-    selection = _read_json(reports_dir / "selection.json")
-    if not selection.get("variant"):
-        raise ParamError("register.variant: auto, but evaluate chose no variant on validation (no trained "
-                         "variant with validation metrics: prepare.ood_split.val_fraction > 0 and a trained "
-                         "variant in evaluate.variants); name one instead")
-    return selection["variant"]
 
 
 def _register(client, uri, p, params, new: Candidate, entry, info, bundle: Path, digest: str,

@@ -240,6 +240,19 @@ def test_gate_rules(tiny_variant, tiny_run):
         register.config(merged(tiny_run(), {"register": {"gate_metric": "near.accuracy"}}))
 
 
+def test_register_variant_auto_is_the_variant_chosen_on_validation(tmp_path):
+    from mofe_ood.serving.gate import registered_variant
+
+    assert registered_variant("mofe_block", tmp_path) == "mofe_block"  # a name: as given
+    with pytest.raises(FileNotFoundError, match="selection.json does not exist"):
+        registered_variant("auto", tmp_path)
+    (tmp_path / "selection.json").write_text(json.dumps({"split": "val", "variant": "top", "score": "knn"}))
+    assert registered_variant("auto", tmp_path) == "top"
+    (tmp_path / "selection.json").write_text(json.dumps({"split": "val", "variant": None}))
+    with pytest.raises(register.ParamError, match="register.variant: auto, but evaluate chose no variant"):
+        registered_variant("auto", tmp_path)
+
+
 def test_a_dvc_experiment_never_takes_champion(monkeypatch, tiny_variant, tiny_run):
     p = register.config(tiny_run())
     old = Candidate(tiny_variant, "knn", "near.auroc", 0.80, 0.95, "b1")

@@ -9,12 +9,30 @@ register.py applies the decision; `mofe promote` asks it too.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from mofe_ood.metrics import METRIC_KEYS
 from mofe_ood.params import ParamError
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+AUTO = "auto"  # register.variant: the best trained variant on validation (evaluate's reports/selection.json)
+
+
+def registered_variant(variant: str, reports_dir: str | Path) -> str:
+    """`register.variant`, or with `auto` the variant evaluate chose on validation (selection.json)."""
+    if variant != AUTO:
+        return variant
+    path = Path(reports_dir) / "selection.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run evaluate before register (dvc repro)")
+    chosen = json.loads(path.read_text()).get("variant")
+    if not chosen:
+        raise ParamError("register.variant: auto, but evaluate chose no variant on validation (no trained "
+                         "variant with validation metrics: prepare.ood_split.val_fraction > 0 and a trained "
+                         "variant in evaluate.variants); name one instead")
+    return chosen
 LOWER_IS_BETTER = {"fpr95", "fpr95_openood"}
 
 
