@@ -249,7 +249,9 @@ def default_score(cfg: "Evaluate", calibration: dict, val_entry: dict) -> str:
 def select_variant(val_metrics: dict, thresholds: dict, cfg: "Evaluate") -> dict:
     """reports/selection.json: every trained variant at its default score by the validation
     objective, and the best one (what `register.variant: auto` registers). No test data read."""
-    ranked = {v: val_metrics[v][t["score"]].get("selection") for v, t in thresholds.items() if v != FROZEN}
+    # no OOD validation parts (val_fraction 0): no score has a val entry, and nothing is chosen
+    ranked = {v: (val_metrics[v].get(t["score"]) or {}).get("selection") for v, t in thresholds.items()
+              if v != FROZEN}
     ranked = {v: x for v, x in ranked.items() if x is not None}
     best = max(ranked, key=lambda v: ranked[v]) if ranked else None
     return {"split": "val", "selection": list(cfg.selection), "variant": best,
