@@ -13,20 +13,23 @@ def evaluate(base: str, train: str, finetune: str, evaluate: str, register: str,
     the headline numbers (the variant `register.variant` at its default score and the best
     other variant/score), results.md, that variant's ROC curve and every plot."""
     from mofe_ood import evaluate as stage
+    from mofe_ood import report
 
     params = sections(base=base, train=train, finetune=finetune, evaluate=evaluate, register=register)
     all_metrics = stage.run(params, features.path, models.path, reports.path)
     import json
     from pathlib import Path
 
-    variant = params["register"]["variant"]
+    from mofe_ood.serving.gate import registered_variant
+
+    variant = registered_variant(params["register"]["variant"], reports.path)  # auto: chosen on validation
     thresholds = json.loads((Path(reports.path) / "thresholds.json").read_text())
-    for name, value in stage.headline(all_metrics, thresholds, variant).items():
+    for name, value in report.headline(all_metrics, thresholds, variant).items():
         if isinstance(value, str):
             metrics.metadata[name] = value
         else:
             metrics.log_metric(name, float(value))
     Path(results.path).write_text((Path(reports.path) / "results.md").read_text())
-    curve = stage.pooled_roc(reports.path, variant)
+    curve = report.pooled_roc(reports.path, variant)
     roc.log_roc_curve(curve["fpr"], curve["tpr"], curve["threshold"])
-    Path(plots.path).write_text(stage.plots_html(reports.path))
+    Path(plots.path).write_text(report.plots_html(reports.path))

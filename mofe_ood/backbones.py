@@ -166,6 +166,50 @@ def feature_dim(model: nn.Module) -> int:
     return int(model.num_features)
 
 
+# ---------------------------------------------------------------- trunk and top (block experts)
+# The paper's experts are copies of the backbone's top: a ViT's last block(s) + final norm; for a
+# CNN (ours) its last stage(s) + head conv + its BatchNorm. The trunk is everything below it.
+
+def is_cnn(model: nn.Module) -> bool:
+    """A timm EfficientNet-style CNN (stages in `blocks`, then `conv_head`, `bn2`); else a ViT."""
+    return hasattr(model, "conv_head") and hasattr(model, "bn2")
+
+
+def check_top_blocks(model: nn.Module, top_blocks: int, what: str = "extract.top_blocks") -> None:
+    count = len(model.blocks)
+    if isinstance(top_blocks, bool) or not isinstance(top_blocks, int) or not 1 <= top_blocks < count:
+        kind = "stages" if is_cnn(model) else "blocks"
+        raise ParamError(f"{what}: {top_blocks!r} must be an integer between 1 and {count - 1} "
+                         f"(the backbone has {count} {kind})")
+
+
+def trunk_of(model: nn.Module, images: torch.Tensor, top_blocks: int) -> torch.Tensor:
+    """The activations entering the top `top_blocks` blocks: CNN maps N x C x H x W, ViT tokens N x T x D."""
+    check_top_blocks(model, top_blocks)
+    if is_cnn(model):
+        x = model.bn1(model.conv_stem(images))
+    else:
+        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    for block in model.blocks[:len(model.blocks) - top_blocks]:
+        x = block(x)
+    return x
+
+
+def top_modules(model: nn.Module, top_blocks: int) -> list[nn.Module]:
+    """The backbone's top, in order (the modules a block expert copies; shared, not copied here)."""
+    check_top_blocks(model, top_blocks)
+    blocks = list(model.blocks[len(model.blocks) - top_blocks:])
+    return [*blocks, model.conv_head, model.bn2] if is_cnn(model) else [*blocks, model.norm]
+
+
+def pooled_from_trunk(model: nn.Module, trunk: torch.Tensor, top_blocks: int) -> torch.Tensor:
+    """`pooled_features` from the trunk's activations: the top, then the backbone's own pooling."""
+    x = trunk
+    for module in top_modules(model, top_blocks):
+        x = module(x)
+    return model.forward_head(x, pre_logits=True)
+
+
 def _conv_bn_pairs(root: nn.Module):
     """(parent, conv, bn name, bn) for each Conv2d directly followed by an inference-ready BatchNorm2d
     among the children of one module."""
@@ -239,16 +283,35 @@ def image_batch(images: Images, start: int, stop: int, prep: Preprocess) -> torc
     return preprocess(np.stack([load_rgb(p, size=prep.image_size) for p in images.paths[start:stop]]), prep)
 
 
-@torch.inference_mode()
 def features_of(model: nn.Module, images: Images, prep: Preprocess, batch_size: int,
                 desc: str = "", rows: range | None = None) -> np.ndarray:
     """Pooled features of `images` (or of the `rows` of it), in order, float32."""
+    return features_and_trunk_of(model, images, prep, batch_size, desc, rows)[0]
+
+
+@torch.inference_mode()
+def features_and_trunk_of(model: nn.Module, images: Images, prep: Preprocess, batch_size: int,
+                          desc: str = "", rows: range | None = None,
+                          top_blocks: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """(pooled features float32, the trunk's activations float16 or None when `top_blocks` is 0),
+    from one pass: the trunk is what the block experts of the train stage read."""
     rows = rows if rows is not None else range(len(images))
     device = next(model.parameters()).device
-    out = []
+    out, trunks = [], []
     for start in tqdm(range(rows.start, rows.stop, batch_size), desc=desc, unit="batch",
                       leave=False, disable=None):
         x = image_batch(images, start, min(start + batch_size, rows.stop), prep).to(device)
-        out.append(pooled_features(model, x).float().cpu().numpy())
+        if top_blocks:
+            trunk = trunk_of(model, x, top_blocks)
+            out.append(pooled_from_trunk(model, trunk, top_blocks).float().cpu().numpy())
+            # float16 halves the cache; the top's output moves by ~1e-4 relative (tested)
+            trunks.append(trunk.half().cpu().numpy())
+        else:
+            out.append(pooled_features(model, x).float().cpu().numpy())
     dim = int(model.num_features)
-    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
+    feats = np.concatenate(out) if out else np.zeros((0, dim), np.float32)
+    if not top_blocks:
+        return feats, None
+    if not trunks:
+        return feats, np.zeros((0,), np.float16)
+    return feats, np.ascontiguousarray(np.concatenate(trunks))

@@ -2,7 +2,13 @@
 
 Outputs under `reports/` (their layout is part of the interface):
 - `metrics.json`: {variant: {"id_accuracy": float | null, score: {"near": M, "far": M, <set>: M}}}
-  with M = {auroc, fpr95, fpr95_openood, aupr_in, aupr_out}, fractions in [0, 1];
+  with M = {auroc, fpr95, fpr95_openood, aupr_in, aupr_out}, fractions in [0, 1], on the
+  OOD sets' test parts (reported, never read by a choice);
+- `metrics_val.json`: the same on validation (ID val against each OOD set's validation
+  part `<set>_val`), plus per score `selection` (the objective, `evaluate.selection`),
+  the chosen `hyper` and every candidate's objective: what every choice reads;
+- `selection.json`: the best trained variant on validation (`register.variant: auto`);
+- `seeds.json`: per variant trained with `train.seeds`, each seed's metrics, mean and sd;
 - `scores/<variant>__<score>.npz`: per-sample scores (higher = more ID), one array
   per set (`test` = ID test, then each OOD set);
 - `headline.json`: the few numbers DVC's metrics are (mofe_ood.headline);
@@ -12,7 +18,10 @@ Outputs under `reports/` (their layout is part of the interface):
 - `roc/<variant>__<OOD set>.json` (DVC plot data: one file per curve, so `dvc plots show`
   draws each as its own line) and `plots/*.png`: ROC curves and score histograms.
 Score hyper-parameters (KNN's K, ViM's dim: each score's `tuned`, candidates in this
-section of params.yaml) are chosen on ID data only (mofe_ood.tuning).
+section of params.yaml), `default_score: auto` and the variant are chosen on validation
+(mofe_ood.tuning; OpenOOD v1.5's protocol). Without OOD validation parts
+(`prepare.ood_split.val_fraction: 0`) hyper-parameters fall back to ID data only
+(held-out classes as pseudo-OOD, ours) and nothing else is chosen.
 """
 
 from __future__ import annotations
@@ -30,12 +39,15 @@ from mofe_ood.config import section
 from mofe_ood.headline import FILE as HEADLINE_FILE
 from mofe_ood.headline import write as write_headline
 from mofe_ood.params import ParamError, check_choice, check_number
-from mofe_ood.splits import GROUPS, DataError
+from mofe_ood.report import plot_variant, results_table, seeds_table
+from mofe_ood.report import summary as summary  # what `mofe evaluate` prints (the CLI looks for it)
+from mofe_ood.serving.gate import AUTO as REGISTER_AUTO
+from mofe_ood.splits import GROUPS, ID_SPLITS, VAL_SUFFIX, DataError
 from mofe_ood.training.heads import FROZEN, Outputs, trained_variants, variant_outputs
 
-ID_SPLITS = ("train", "val", "test")
-# as dvc.yaml lists them
-OUTPUTS = ("metrics.json", HEADLINE_FILE, "thresholds.json", "roc", "results.md", "scores", "plots")
+AUTO = "auto"  # evaluate.default_score: the best score on validation, per variant
+OUTPUTS = ("metrics.json", "metrics_val.json", "selection.json", "seeds.json", HEADLINE_FILE, "thresholds.json",
+           "roc", "results.md", "scores", "plots")  # as dvc.yaml lists them
 
 
 def applicable(score_names: list[str], has_logits: bool) -> list[str]:
@@ -43,29 +55,61 @@ def applicable(score_names: list[str], has_logits: bool) -> list[str]:
             if has_logits or not (scores.SCORES[s].needs_logits or scores.SCORES[s].needs_head)]
 
 
+def set_metrics(id_scores: np.ndarray, per_set: dict[str, np.ndarray], sets: dict[str, str]) -> dict:
+    """{near: M, far: M, <set>: M}: every set in `sets` (name -> group) against `id_scores`, and
+    each group's average."""
+    result = {s: metrics.ood_metrics(id_scores, per_set[s], name=s) for s in sets}
+    groups = {g: metrics.average([result[s] for s, sg in sets.items() if sg == g])
+              for g in GROUPS if g in sets.values()}
+    return {**groups, **result}
+
+
 def evaluate_variant(variant: str, outputs: dict[str, Outputs], head, ood_sets: dict[str, str],
-                     cfg: "Evaluate", score_dir: Path) -> tuple[dict, dict]:
-    """metrics.json entry of one variant, and the calibration of each of its scores."""
+                     cfg: "Evaluate", score_dir: Path, val_sets: dict[str, str] | None = None,
+                     ) -> tuple[dict, dict, dict]:
+    """metrics.json entry of one variant (test parts), its validation entry (ID val against each
+    OOD set's validation part, `val_sets`: `<set>_val` -> `<set>`) and each score's calibration.
+
+    Hyper-parameters (K, ViM's dim) are chosen on validation (`evaluate.selection` of the val
+    metrics; without OOD validation parts: on ID data alone, tuning.select_hyper).
+    """
+    val_sets = val_sets or {}
     train, val, test = (outputs[s] for s in ID_SPLITS)
     entry: dict = {"id_accuracy": None if test.logits is None else metrics.accuracy(test.logits, test.labels)}
+    val_entry: dict = {"id_accuracy": None if val.logits is None else metrics.accuracy(val.logits, val.labels)}
+    val_groups = {name: ood_sets[of] for name, of in val_sets.items()}
     calibration = {}
     for name in applicable(cfg.scores, test.logits is not None):
         candidates = cfg.candidates(name)
-        hyper, _ = tuning.select_hyper(name, candidates, train.features, train.labels, val.features,
-                                       val.labels, train_logits=train.logits, val_logits=val.logits,
-                                       head=head) if len(candidates) > 1 else (candidates[0], None)
-        score = scores.make_score(name, **hyper).fit(train.features, train.labels, train.logits, head)
+
+        def fitted(hyper, name=name):
+            return scores.make_score(name, **hyper).fit(train.features, train.labels, train.logits, head)
+
+        def val_result(score):
+            per_val = {s: score.score(outputs[s].features, outputs[s].logits) for s in ["val", *val_sets]}
+            by_set = {val_sets[s]: v for s, v in per_val.items() if s != "val"}
+            return set_metrics(per_val["val"], by_set, {val_sets[s]: g for s, g in val_groups.items()})
+
+        if len(candidates) == 1:
+            hyper, table = candidates[0], None
+        elif val_sets:
+            hyper, table = tuning.select_on_val(candidates, lambda h: val_result(fitted(h)), cfg.selection)
+        else:
+            hyper, _ = tuning.select_hyper(name, candidates, train.features, train.labels, val.features,
+                                           val.labels, train_logits=train.logits, val_logits=val.logits, head=head)
+            table = None
+        score = fitted(hyper)
         per_set = {s: score.score(outputs[s].features, outputs[s].logits) for s in ["val", "test", *ood_sets]}
         np.savez(score_dir / f"{variant}__{name}.npz", **{s: v for s, v in per_set.items() if s != "val"})
-        result = {s: metrics.ood_metrics(per_set["test"], per_set[s], name=s) for s in ood_sets}
-        for group in GROUPS:
-            members = [result[s] for s, g in ood_sets.items() if g == group]
-            if members:
-                result[group] = metrics.average(members)
-        entry[name] = {k: result[k] for k in [*(g for g in GROUPS if g in result), *ood_sets]}
+        entry[name] = set_metrics(per_set["test"], per_set, ood_sets)
+        if val_sets:
+            val_entry[name] = val_result(score)
+            # what was chosen, and from what: every candidate's validation objective
+            val_entry[name].update(selection=tuning.objective(val_entry[name], cfg.selection), hyper=hyper,
+                                   candidates=table or [{"hyper": hyper}])
         calibration[name] = {"hyper": hyper, "tpr": cfg.tpr,
                              "threshold": metrics.threshold_at_tpr(per_set["val"], cfg.tpr)}
-    return entry, calibration
+    return entry, val_entry, calibration
 
 
 @dataclass(frozen=True)
@@ -75,7 +119,8 @@ class Evaluate:
 
     variants: list[str]
     scores: list[str]
-    default_score: str
+    default_score: str   # a score of `scores`, or auto: per variant the best on validation
+    selection: list[str]  # <near|far|set>.<metric> of the validation metrics; their mean decides
     tpr: float
     extra_ood: dict  # read (and checked) by prepare
 
@@ -85,7 +130,8 @@ class Evaluate:
                 raise ParamError(f"evaluate.{name}: {getattr(self, name)!r} is not a non-empty list")
         for s in self.scores:
             check_choice("evaluate.scores", s, scores.SCORES)
-        check_choice("evaluate.default_score", self.default_score, self.scores)
+        check_choice("evaluate.default_score", self.default_score, [AUTO, *self.scores])
+        tuning.check_selection(self.selection, "evaluate.selection")
         check_number("evaluate.tpr", self.tpr, low=0.5, high=0.999)
         for key, tuned in scores.tuned_keys().items():
             tuned.check(getattr(self, key))
@@ -115,6 +161,7 @@ def run(params: dict, features_dir: str | Path = "data/features", models_dir: st
     cfg = config(params)
     info = json.loads((features_dir / "info.json").read_text())
     ood_sets = {n: s["group"] for n, s in info["splits"].items() if s["kind"] == "ood"}
+    val_sets = {n: n[:-len(VAL_SUFFIX)] for n, s in info["splits"].items() if s["kind"] == "ood_val"}
     if not ood_sets:
         raise DataError(f"{features_dir}/info.json lists no OOD sets")
     for name in ood_sets:
@@ -124,184 +171,87 @@ def run(params: dict, features_dir: str | Path = "data/features", models_dir: st
     with atomic.replacing(reports_dir, items=OUTPUTS) as tmp:
         for folder in ("scores", "plots", "roc"):
             (tmp / folder).mkdir()
-        all_metrics, thresholds = {}, {}
+        all_metrics, val_metrics, thresholds = {}, {}, {}
         for variant in cfg.variants:
-            outputs, head = variant_outputs(variant, features_dir, models_dir, [*ID_SPLITS, *ood_sets])
-            entry, calibration = evaluate_variant(variant, outputs, head, ood_sets, cfg, tmp / "scores")
-            all_metrics[variant] = entry
-            default = cfg.default_score if cfg.default_score in calibration else next(iter(calibration))
+            outputs, head = variant_outputs(variant, features_dir, models_dir, [*ID_SPLITS, *ood_sets, *val_sets])
+            entry, val_entry, calibration = evaluate_variant(variant, outputs, head, ood_sets, cfg, tmp / "scores",
+                                                             val_sets)
+            all_metrics[variant], val_metrics[variant] = entry, val_entry
+            default = default_score(cfg, calibration, val_entry)
             thresholds[variant] = {"score": default, **calibration[default]}
             for name, curve in plot_variant(variant, default, tmp / "scores", ood_sets, tmp / "plots").items():
                 (tmp / "roc" / f"{variant}__{name}.json").write_text(json.dumps(curve) + "\n")
+        selection = select_variant(val_metrics, thresholds, cfg)
+        seeds = seed_spread(cfg, features_dir, models_dir, thresholds, all_metrics, val_metrics, ood_sets, val_sets,
+                            tmp / "scores")
         (tmp / "metrics.json").write_text(json.dumps(all_metrics, indent=2) + "\n")
+        (tmp / "metrics_val.json").write_text(json.dumps(val_metrics, indent=2) + "\n")
+        (tmp / "selection.json").write_text(json.dumps(selection, indent=2) + "\n")
+        (tmp / "seeds.json").write_text(json.dumps(seeds, indent=2) + "\n")
         (tmp / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
-        write_headline(tmp / HEADLINE_FILE, all_metrics, thresholds, params)
-        (tmp / "results.md").write_text(results_table(all_metrics, info))
+        registered = params["register"]["variant"]  # auto: the one chosen above (None: register says why)
+        write_headline(tmp / HEADLINE_FILE, all_metrics, thresholds,
+                       selection.get("variant") if registered == REGISTER_AUTO else registered)
+        (tmp / "results.md").write_text(results_table(all_metrics, info, val_metrics, thresholds, selection)
+                                        + seeds_table(seeds))
     return all_metrics
 
 
-# ---------------------------------------------------------------- report
-
-def headline(all_metrics: dict, thresholds: dict, variant: str) -> dict[str, float]:
-    """What a dashboard shows: `variant` at its default score, and the best other (variant,
-    score) by near AUROC, each as near/far AUROC and FPR95 and ID accuracy (flat keys)."""
-    def numbers(v: str, score: str) -> dict[str, float]:
-        m = all_metrics[v][score]
-        out = {f"{g}_{k}": m[g][k] for g in GROUPS for k in ("auroc", "fpr95") if g in m}
-        if all_metrics[v].get("id_accuracy") is not None:
-            out["id_accuracy"] = all_metrics[v]["id_accuracy"]
-        return out
-
-    if variant not in thresholds:
-        raise ParamError(f"{variant!r} was not evaluated (evaluated: {', '.join(thresholds)})")
-    out = {f"{variant}/{k}": v for k, v in numbers(variant, thresholds[variant]["score"]).items()}
-    others = [(v, s) for v, entry in all_metrics.items() if v != variant
-              for s, m in entry.items() if s != "id_accuracy" and "near" in m]
-    if others:
-        v, s = max(others, key=lambda vs: all_metrics[vs[0]][vs[1]]["near"]["auroc"])
-        out.update({f"best_baseline/{k}": x for k, x in numbers(v, s).items()})
-        out["best_baseline/name"] = f"{v}/{s}"
+def seed_spread(cfg: "Evaluate", features_dir: Path, models_dir: Path, thresholds: dict, all_metrics: dict,
+                val_metrics: dict, ood_sets: dict, val_sets: dict, score_dir: Path) -> dict:
+    """reports/seeds.json: for each variant trained with more seeds (train.seeds, under
+    models/<variant>/seeds/<seed>/), its default score's test metrics per seed and their mean and
+    sd (each seed's hyper-parameters chosen on validation as the variant's were), the val objective too."""
+    out = {}
+    for variant, calibration in thresholds.items():
+        folder = models_dir / variant / "seeds"
+        if variant == FROZEN or not folder.is_dir():
+            continue
+        score = calibration["score"]
+        one = dataclasses.replace(cfg, scores=[score])
+        rows = {"base": _seed_row(all_metrics[variant], val_metrics[variant], score, ood_sets)}
+        for run in sorted(folder.iterdir(), key=lambda p: int(p.name)):
+            outputs, head = variant_outputs(run.name, features_dir, folder, [*ID_SPLITS, *ood_sets, *val_sets])
+            entry, val_entry, _ = evaluate_variant(f"{variant}__seed{run.name}", outputs, head, ood_sets, one,
+                                                   score_dir, val_sets)
+            (score_dir / f"{variant}__seed{run.name}__{score}.npz").unlink()  # per-sample scores: the base seed's only
+            rows[run.name] = _seed_row(entry, val_entry, score, ood_sets)
+        keys = list(rows["base"])
+        out[variant] = {"score": score, "seeds": rows,
+                        "mean": {k: float(np.mean([r[k] for r in rows.values()])) for k in keys},
+                        "sd": {k: float(np.std([r[k] for r in rows.values()], ddof=1)) for k in keys}}
     return out
 
 
-def summary(all_metrics: dict, params: dict) -> str:
-    """What `mofe evaluate` prints: each variant at the default score, in % (every score and
-    OOD set: reports/results.md; every number: reports/metrics.json)."""
-    default = config(params).default_score
-    lines = [f"{'variant':<16} {'score':<15} {'ID acc':>6} {'near AUROC':>10} {'near FPR95':>10} "
-             f"{'far AUROC':>9} {'far FPR95':>9}"]
-    for variant, entry in all_metrics.items():
-        score = default if default in entry else next(s for s in entry if s != "id_accuracy")
-        cells = [entry.get("id_accuracy"), *((entry[score].get(g) or {}).get(k)
-                                             for g in GROUPS for k in ("auroc", "fpr95"))]
-        text = [("-" if v is None else f"{100 * v:.1f}").rjust(w) for v, w in zip(cells, (6, 10, 10, 9, 9))]
-        lines.append(f"{variant:<16} {score:<15} " + " ".join(text))
-    return "\n".join(lines + ["all scores and OOD sets: reports/results.md"])
+def _seed_row(entry: dict, val_entry: dict, score: str, ood_sets: dict) -> dict:
+    m = entry[score]
+    row = {"id_accuracy": entry["id_accuracy"], "near.auroc": m.get("near", {}).get("auroc"),
+           "far.auroc": m.get("far", {}).get("auroc"), **{f"{s}.auroc": m[s]["auroc"] for s in ood_sets},
+           "val": (val_entry.get(score) or {}).get("selection")}
+    return {k: v for k, v in row.items() if v is not None}
 
 
-def pooled_roc(reports_dir: str | Path, variant: str) -> dict[str, list[float]]:
-    """ROC of `variant`'s default score, ID test against every OOD set pooled (ID positive)."""
-    reports_dir = Path(reports_dir)
-    score = json.loads((reports_dir / "thresholds.json").read_text())[variant]["score"]
-    with np.load(reports_dir / "scores" / f"{variant}__{score}.npz") as f:
-        values = dict(f)
-    ood = np.concatenate([v for name, v in values.items() if name not in ID_SPLITS])
-    both = np.concatenate([values["test"], ood])
-    cuts = np.unique(np.quantile(both, np.linspace(0, 1, 101)))[::-1]
-    return {"fpr": [float((ood >= t).mean()) for t in cuts],
-            "tpr": [float((values["test"] >= t).mean()) for t in cuts],
-            "threshold": [float(t) for t in cuts]}
+def default_score(cfg: "Evaluate", calibration: dict, val_entry: dict) -> str:
+    """The variant's default score: `evaluate.default_score`, or with `auto` the best on validation
+    (`evaluate.selection`); a variant without that score (no logits) takes its first."""
+    if cfg.default_score == AUTO:
+        ranked = [s for s in calibration if "selection" in val_entry.get(s, {})]
+        if ranked:
+            return max(ranked, key=lambda s: val_entry[s]["selection"])  # ties: the earlier score
+    return cfg.default_score if cfg.default_score in calibration else next(iter(calibration))
 
 
-def plots_html(reports_dir: str | Path) -> str:
-    """results.md's table and every plot in one self-contained page (images inline)."""
-    import base64
-    import html
-
-    reports_dir = Path(reports_dir)
-    parts = ["<html><head><meta charset='utf-8'><title>MoFE OOD evaluation</title>"
-             "<style>table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}</style>"
-             "</head><body>", markdown_html((reports_dir / "results.md").read_text())]
-    for png in sorted((reports_dir / "plots").glob("*.png")):
-        data = base64.b64encode(png.read_bytes()).decode()
-        parts.append(f"<h3>{html.escape(png.stem)}</h3><img src='data:image/png;base64,{data}'/>")
-    return "\n".join(parts + ["</body></html>"])
+def select_variant(val_metrics: dict, thresholds: dict, cfg: "Evaluate") -> dict:
+    """reports/selection.json: every trained variant at its default score by the validation
+    objective, and the best one (what `register.variant: auto` registers). No test data read."""
+    # no OOD validation parts (val_fraction 0): no score has a val entry, and nothing is chosen
+    ranked = {v: (val_metrics[v].get(t["score"]) or {}).get("selection") for v, t in thresholds.items()
+              if v != FROZEN}
+    ranked = {v: x for v, x in ranked.items() if x is not None}
+    best = max(ranked, key=lambda v: ranked[v]) if ranked else None
+    return {"split": "val", "selection": list(cfg.selection), "variant": best,
+            "score": thresholds[best]["score"] if best else None, "value": ranked.get(best),
+            "candidates": {v: {"score": thresholds[v]["score"], "value": x} for v, x in ranked.items()}}
 
 
-def markdown_html(text: str) -> str:
-    """The Markdown that results_table writes (headings, paragraphs, pipe tables, **bold**) as HTML,
-    so the KFP UI shows a table, not pipes (no Markdown package: this subset is all we write)."""
-    import html
-    import re
-
-    def inline(s: str) -> str:
-        return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(s.strip()))
-
-    out, table = [], []
-    for line in [*text.splitlines(), ""]:
-        if line.startswith("|"):
-            cells = line.strip().strip("|").split("|")
-            if not all(set(c.strip()) <= set("-:") for c in cells):  # not the |---| rule
-                table.append(cells)
-            continue
-        if table:
-            head, *body = table
-            out.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>"
-                       + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>" for row in body)
-                       + "</table>")
-            table = []
-        if line.startswith("#"):
-            level = min(len(line) - len(line.lstrip("#")), 6)
-            out.append(f"<h{level}>{inline(line.lstrip('#'))}</h{level}>")
-        elif line.strip():
-            out.append(f"<p>{inline(line)}</p>")
-    return "\n".join(out)
-
-
-def results_table(all_metrics: dict, info: dict) -> str:
-    """Markdown: variants x scores, near/far AUROC and FPR95 (%), ID accuracy; best per column in bold."""
-    rows = []
-    for variant, entry in all_metrics.items():
-        for score, m in entry.items():
-            if score == "id_accuracy":
-                continue
-            rows.append([variant, score, entry["id_accuracy"],
-                         m.get("near", {}).get("auroc"), m.get("near", {}).get("fpr95"),
-                         m.get("far", {}).get("auroc"), m.get("far", {}).get("fpr95")])
-    best = {}
-    for col, higher in ((2, True), (3, True), (4, False), (5, True), (6, False)):
-        values = [r[col] for r in rows if r[col] is not None]
-        if values:
-            best[col] = max(values) if higher else min(values)
-    lines = [
-        f"# OOD detection results ({info['backbone']}, {info['image_size']} px)", "",
-        "AUROC and FPR95 in %, ID is the positive class (FPR95 = OOD accepted at 95% ID TPR). "
-        "Best per column in bold.", "",
-        "| variant | score | ID acc | near AUROC | near FPR95 | far AUROC | far FPR95 |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        cells = []
-        for col, value in enumerate(r[2:], start=2):
-            text = "-" if value is None else f"{100 * value:.1f}"
-            cells.append(f"**{text}**" if value is not None and np.isclose(value, best[col]) else text)
-        lines.append(f"| {r[0]} | {r[1]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def roc_points(id_scores: np.ndarray, ood_scores: np.ndarray, points: int = 101) -> tuple[np.ndarray, np.ndarray]:
-    """(FPR, TPR) with ID positive at `points` thresholds spread over the score quantiles."""
-    both = np.concatenate([id_scores, ood_scores])
-    thresholds = np.unique(np.quantile(both, np.linspace(0, 1, points)))[::-1]
-    tpr = (id_scores[None, :] >= thresholds[:, None]).mean(1)
-    fpr = (ood_scores[None, :] >= thresholds[:, None]).mean(1)
-    return np.r_[0.0, fpr, 1.0], np.r_[0.0, tpr, 1.0]
-
-
-def plot_variant(variant: str, score: str, score_dir: Path, ood_sets: dict, plot_dir: Path) -> dict[str, list]:
-    """Draw `variant`'s ROC curves and histograms; return each OOD set's ROC points (DVC plot rows)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with np.load(score_dir / f"{variant}__{score}.npz") as f:
-        values = dict(f)
-    fig, (roc_ax, hist_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
-    curves = {}
-    bins = np.linspace(min(v.min() for v in values.values()), max(v.max() for v in values.values()), 60)
-    hist_ax.hist(values["test"], bins=bins, density=True, alpha=0.5, label="ID test")
-    for name, group in ood_sets.items():
-        fpr, tpr = roc_points(values["test"], values[name])
-        roc_ax.plot(fpr, tpr, label=f"{name} ({group})")
-        hist_ax.hist(values[name], bins=bins, density=True, histtype="step", label=name)
-        curves[name] = [{"fpr": round(float(a), 5), "tpr": round(float(b), 5)} for a, b in zip(fpr, tpr, strict=True)]
-    roc_ax.plot([0, 1], [0, 1], color="grey", lw=0.5)
-    roc_ax.set(xlabel="FPR (OOD accepted)", ylabel="TPR (ID accepted)", title=f"{variant} / {score}: ROC")
-    hist_ax.set(xlabel=f"{score} score (higher = more ID)", ylabel="density", title="score histograms")
-    roc_ax.legend(fontsize=8)
-    hist_ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(plot_dir / f"{variant}__{score}.png", dpi=90)
-    plt.close(fig)
-    return curves
+# ---------------------------------------------------------------- report

@@ -4,6 +4,9 @@ Output (the interface users feed to their own tools, format of mofe_ood.splits):
 `data/features/<split>.npz` with `features` (N x D float32) and `labels` (N int64,
 -1 for OOD), for the splits `train`, `val`, `test` and one per OOD set, plus
 `info.json` (backbone, image size, feature dim, class names, split kinds and groups).
+With `extract.top_blocks` = N > 0 each npz also holds `trunk` (float16): the activations
+entering the backbone's last N blocks (EfficientNet-Lite0 at 128 px, N = 1: blocks[5]'s
+output, 192 x 4 x 4), from the same pass; the block-expert variants of `train` read them.
 
 Scale-out (the Kubeflow pipeline): `run_shard` featurises one contiguous run of
 whole batches of every split, `merge_shards` concatenates them into the same
@@ -22,11 +25,11 @@ import numpy as np
 import torch
 
 from mofe_ood import atomic
-from mofe_ood.backbones import (DEVICES, Preprocess, check, create_backbone, features_of, for_inference,
-                                preprocess_config, torch_device)
+from mofe_ood.backbones import (DEVICES, Preprocess, check, check_top_blocks, create_backbone,
+                                features_and_trunk_of, for_inference, preprocess_config, torch_device)
 from mofe_ood.config import base, section
 from mofe_ood.params import ParamError, check_choice, check_number
-from mofe_ood.splits import DataError, load_features, load_split
+from mofe_ood.splits import DataError, load_features, load_split, load_trunk
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class Extract:
     shards: int
     device: str
     gpus: int
+    top_blocks: int  # also cache the activations entering the backbone's last N blocks/stages (0: none)
 
     def __post_init__(self):
         if not isinstance(self.weights, str):
@@ -52,6 +56,7 @@ class Extract:
         # A choice here; whether CUDA is there, when the stage runs (validate may run elsewhere).
         check_choice("extract.device", self.device, DEVICES)
         check_number("extract.gpus", self.gpus, low=0, integer=True)  # the pod's; the device is extract.device
+        check_number("extract.top_blocks", self.top_blocks, low=0, integer=True)  # the upper bound: backbones
 
 
 def config(params: Mapping) -> Extract:
@@ -123,16 +128,22 @@ def _extract(params: dict, prepared_dir: str | Path, out_dir: str | Path,
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(base(params).seed)
     model, prep = backbone(cfg)
+    if cfg.top_blocks:
+        check_top_blocks(model, cfg.top_blocks)
     manifest = json.loads((Path(prepared_dir) / "manifest.json").read_text())
 
     with atomic.replacing(out_dir) as tmp:
-        rows_of = {}
+        rows_of, trunk_shape = {}, None
         for name in manifest["splits"]:
             images = load_split(prepared_dir, name)
             rows = shard_rows(len(images), *shard, cfg.batch_size) if shard else range(len(images))
-            feats = features_of(model, images, prep, cfg.batch_size, desc=name, rows=rows)
-            np.savez(tmp / f"{name}.npz", features=feats,
-                     labels=images.labels[rows.start:rows.stop].astype(np.int64))
+            feats, trunk = features_and_trunk_of(model, images, prep, cfg.batch_size, desc=name, rows=rows,
+                                                 top_blocks=cfg.top_blocks)
+            arrays = {"features": feats, "labels": images.labels[rows.start:rows.stop].astype(np.int64)}
+            if trunk is not None:
+                arrays["trunk"] = trunk
+                trunk_shape = list(trunk.shape[1:]) if len(trunk) else trunk_shape
+            np.savez(tmp / f"{name}.npz", **arrays)
             rows_of[name] = [rows.start, rows.stop]
         info = {
             "backbone": cfg.backbone, "weights": cfg.weights, "image_size": prep.image_size,
@@ -140,6 +151,8 @@ def _extract(params: dict, prepared_dir: str | Path, out_dir: str | Path,
             "splits": {name: {"kind": s["kind"], "group": s["group"], "count": s["count"]}
                        for name, s in manifest["splits"].items()},
         }
+        if cfg.top_blocks:
+            info["trunk"] = {"top_blocks": cfg.top_blocks, "shape": trunk_shape, "dtype": "float16"}
         if shard:
             info["shard"] = {"index": shard[0], "shards": shard[1], "rows": rows_of}
         (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -169,7 +182,10 @@ def merge_shards(shard_dirs: list[str | Path], out_dir: str | Path) -> dict:
             if [start for start, _ in rows] != ends[:-1] or ends[-1] != split["count"]:
                 raise DataError(f"split {name!r}: shard rows {rows} do not tile 0..{split['count']}")
             parts = [load_features(d, name) for d, _ in shards]
-            np.savez(tmp / f"{name}.npz", features=np.concatenate([f for f, _ in parts]),
-                     labels=np.concatenate([labels for _, labels in parts]))
+            arrays = {"features": np.concatenate([f for f, _ in parts]),
+                      "labels": np.concatenate([labels for _, labels in parts])}
+            if merged.get("trunk"):
+                arrays["trunk"] = np.concatenate([load_trunk(d, name) for d, _ in shards])
+            np.savez(tmp / f"{name}.npz", **arrays)
         (tmp / "info.json").write_text(json.dumps(merged, indent=2) + "\n")
     return merged

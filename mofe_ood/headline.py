@@ -9,9 +9,11 @@ Layout, every leaf a number (stable keys: a column of `dvc exp show` means the s
 in every row, whichever score won):
     {"registered": N, "<variant>": N, ...}
     N = {near_auroc, near_fpr95, <set>_auroc, <set>_fpr95 for SETS, far_auroc, far_fpr95, id_accuracy}
-`registered` is `register.variant` at its default score (what `mofe register` would ship);
-each variant's entry is its best score by near AUROC. Which score that is, is in results.md
-and metrics.json (a string here would be one more column per variant).
+`registered` is `register.variant` (with `auto`, the variant evaluate chose on validation) at
+its default score (what `mofe register` would ship); each variant's entry is at its default
+score, chosen on validation too (thresholds.json): never the best score on test data, which
+would report a winner's-curse number. Which score that is, is in results.md and
+thresholds.json (a string here would be one more column per variant).
 """
 
 from __future__ import annotations
@@ -37,13 +39,6 @@ def numbers(entry: Mapping, score: str) -> dict[str, float]:
     return out
 
 
-def best_score(entry: Mapping) -> str:
-    """The variant's score with the highest near AUROC (the first score when none has a near set)."""
-    scored = [s for s, m in entry.items() if s != "id_accuracy"]
-    with_near = [s for s in scored if "near" in entry[s]]
-    return max(with_near, key=lambda s: entry[s]["near"]["auroc"]) if with_near else scored[0]
-
-
 def headline(all_metrics: Mapping, thresholds: Mapping, registered: str | None) -> dict:
     """metrics.json + thresholds.json -> headline.json's content (see the module docstring).
 
@@ -53,11 +48,11 @@ def headline(all_metrics: Mapping, thresholds: Mapping, registered: str | None) 
     if registered in thresholds and registered in all_metrics:
         out["registered"] = numbers(all_metrics[registered], thresholds[registered]["score"])
     for variant, entry in all_metrics.items():
-        out[variant] = numbers(entry, best_score(entry))
+        out[variant] = numbers(entry, thresholds[variant]["score"])
     return out
 
 
-def write(path: str | Path, all_metrics: Mapping, thresholds: Mapping, params: Mapping) -> dict:
-    content = headline(all_metrics, thresholds, (params.get("register") or {}).get("variant"))
+def write(path: str | Path, all_metrics: Mapping, thresholds: Mapping, registered: str | None) -> dict:
+    content = headline(all_metrics, thresholds, registered)
     Path(path).write_text(json.dumps(content, indent=2) + "\n")
     return content

@@ -10,14 +10,19 @@ On pooled features a `stem` of MLP blocks stands in for the backbone layers
 below the paper's last block: trained in phase 1, frozen after, and read by
 the router. (The paper's router reads the fine-tuned CLS token entering the
 last block; a linear router on frozen features is only as good as a linear
-probe.) With block experts the ViT trunk plays this part (training/finetuning.py).
+probe.) With block experts the backbone's trunk plays this part: a fine-tuned ViT's
+(training/finetuning.py), or the frozen backbone's cached activations (the train stage's
+trunk variants), which the router reads through `router_input`.
 
 Expert kinds are a registry (`EXPERTS`, filled by `@register_expert(name)`) of
 modules with one constructor signature `(dim, hidden_features, drop, init_from)`
-and a class attribute `reads_tokens` (True: token sequences N x T x D, which only
-fine-tuning on images provides; False: pooled features N x D):
-- `BlockExpert` ("block", the paper's): a copy of a timm ViT's last transformer
-  block and final norm, on token sequences (fine-tuning, GPU);
+and a class attribute `reads_tokens` (True: the trunk's activations, ViT tokens
+N x T x D or CNN maps N x C x H x W, plus a `top_blocks` argument; False: pooled
+features N x D):
+- `BlockExpert` ("block", the paper's): a copy of the backbone's top (a ViT's last
+  block(s) + final norm; a CNN's last stage(s) + head conv, ours) on the trunk's
+  activations: trained on images (fine-tuning, GPU) or on cached activations (the
+  train stage's `top` / `mofe_block*` variants, CPU);
 - `MLPExpert` ("mlp", ours): residual MLP + LayerNorm on pooled features (cached
   frozen features, CPU).
 A new kind is one class here (or in a module imported before training) and
@@ -44,6 +49,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mofe_ood.backbones import is_cnn, top_modules
 
 ROUTER_MODES = ("hard", "soft")
 GROUP_METHODS = ("kmeans", "agglomerative")
@@ -149,43 +156,55 @@ class MLPExpert(nn.Module):
 
 @register_expert("block")
 class BlockExpert(nn.Module):
-    """The paper's expert: a copy of a ViT's last transformer block + final norm; tokens -> normalised CLS.
+    """The paper's expert: a copy of the backbone's top; the trunk's activations -> the pooled feature.
 
-    `init_from`: a timm VisionTransformer (its `blocks[-1]`, `norm`, `fc_norm`
-    are deep-copied) or another BlockExpert. `hidden_features`/`drop` are the
-    copied block's own; they are accepted for the shared signature only.
+    The top is a ViT's last `top_blocks` transformer blocks + final norm (the paper's, reading
+    tokens N x T x D, pooled as the ViT pools: CLS token or patch mean, then its `fc_norm`), or
+    a CNN's last `top_blocks` stages + head conv + its BatchNorm (ours, for the offline
+    EfficientNet-Lite0: reading maps N x C x H x W, global average pooled).
+    `init_from`: a timm model (its top is deep-copied) or another BlockExpert.
+    `hidden_features`/`drop` are the copied top's own; accepted for the shared signature only.
     """
 
     reads_tokens = True
 
     def __init__(self, dim: int, hidden_features: int | None = None, drop: float = 0.0,
-                 init_from: nn.Module | None = None):
+                 init_from: nn.Module | None = None, top_blocks: int = 1):
         super().__init__()
         if init_from is None:
-            raise ValueError("BlockExpert needs init_from: a timm ViT (or a BlockExpert) to copy the block of")
+            raise ValueError("BlockExpert needs init_from: a timm ViT or CNN (or a BlockExpert) to copy the top of")
         if isinstance(init_from, BlockExpert):
-            self.block, self.norm = copy.deepcopy(init_from.block), copy.deepcopy(init_from.norm)
-            self.fc_norm, self.pool = copy.deepcopy(init_from.fc_norm), init_from.pool
+            self.top, self.fc_norm = copy.deepcopy(init_from.top), copy.deepcopy(init_from.fc_norm)
+            self.pool, self.num_prefix_tokens = init_from.pool, init_from.num_prefix_tokens
+            self.top_blocks, self.width = init_from.top_blocks, init_from.width
         else:
-            self.block, self.norm = copy.deepcopy(init_from.blocks[-1]), copy.deepcopy(init_from.norm)
-            self.fc_norm = copy.deepcopy(getattr(init_from, "fc_norm", nn.Identity()))
-            self.pool = getattr(init_from, "global_pool", "token")
-        if self.norm.normalized_shape[0] != dim:
-            raise ValueError(f"BlockExpert: the block has width {self.norm.normalized_shape[0]}, not {dim}")
-        self.num_prefix_tokens = 1 if self.pool == "token" else getattr(init_from, "num_prefix_tokens", 1)
+            self.top = nn.Sequential(*copy.deepcopy(top_modules(init_from, top_blocks)))
+            self.top_blocks = top_blocks
+            if is_cnn(init_from):
+                self.fc_norm, self.pool, self.num_prefix_tokens = nn.Identity(), "map", 0
+                self.width = init_from.bn2.num_features
+            else:
+                self.fc_norm = copy.deepcopy(getattr(init_from, "fc_norm", nn.Identity()))
+                self.pool = getattr(init_from, "global_pool", "token")
+                self.num_prefix_tokens = 1 if self.pool == "token" else getattr(init_from, "num_prefix_tokens", 1)
+                self.width = init_from.norm.normalized_shape[0]
+        if self.width != dim:
+            raise ValueError(f"BlockExpert: the top has width {self.width}, not {dim}")
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.norm(self.block(tokens))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.top(x)
+        if self.pool == "map":  # CNN: global average pool, as timm's avg SelectAdaptivePool2d
+            return x.mean((2, 3))
         x = x[:, 0] if self.pool == "token" else x[:, self.num_prefix_tokens:].mean(1)
         return self.fc_norm(x)
 
 
-def tokens_before_last_block(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """A timm ViT's token sequence entering its last block (what BlockExperts and the router read)."""
-    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
-    for block in vit.blocks[:-1]:
-        x = block(x)
-    return x
+def router_input(h: torch.Tensor) -> torch.Tensor:
+    """What the router reads of the experts' input: pooled features as they are, a ViT's tokens
+    their CLS token (the paper's), a CNN's maps their spatial mean (ours)."""
+    if h.ndim == 2:
+        return h
+    return h[:, 0] if h.ndim == 3 else h.mean((2, 3))
 
 
 # ---------------------------------------------------------------- router
@@ -231,14 +250,17 @@ class Router(nn.Module):
 class MoFE(nn.Module):
     """Mixture of Feature Experts: router -> one expert per group -> shared linear classifier.
 
-    Input: pooled features N x D, or tokens N x T x D for experts that read tokens.
+    Input: pooled features N x D, or for experts that read the trunk (`reads_tokens`) a ViT's
+    tokens N x T x D or a CNN's maps N x C x H x W. `dim`: the feature (expert output) width;
+    `router_dim`: the width of `router_input(x)` when it differs (a CNN trunk's channels).
     `forward(x) -> dict(feature, logits, router_logits, gates)`; `feature` is the
     routed expert output (the gate-weighted sum of the top-k experts when soft).
     """
 
     def __init__(self, dim: int, num_classes: int, class_to_group, expert: str = "mlp",
                  hidden_features: int | None = None, drop: float = 0.0, router: str = "hard",
-                 top_k: int = 1, stem_blocks: int = 0, init_from: nn.Module | None = None):
+                 top_k: int = 1, stem_blocks: int = 0, init_from: nn.Module | None = None,
+                 router_dim: int | None = None, top_blocks: int = 1):
         super().__init__()
         if expert not in EXPERTS:
             raise ValueError(f"expert kind {expert!r} is not one of {', '.join(EXPERTS)}")
@@ -247,9 +269,12 @@ class MoFE(nn.Module):
         groups = check_groups(class_to_group, num_classes, int(np.max(class_to_group)) + 1)
         self.dim, self.num_classes, self.num_experts = dim, num_classes, int(groups.max()) + 1
         self.stem = nn.Sequential(*(MLPExpert(dim, hidden_features, drop) for _ in range(stem_blocks)))
+        # Only trunk-reading experts copy a top of some depth; pooled kinds keep the 4-argument signature.
+        extra = {"top_blocks": top_blocks} if EXPERTS[expert].reads_tokens else {}
         self.experts = nn.ModuleList(
-            EXPERTS[expert](dim, hidden_features, drop, init_from=init_from) for _ in range(self.num_experts))
-        self.router = Router(dim, num_classes, groups, mode=router, top_k=top_k)
+            EXPERTS[expert](dim, hidden_features, drop, init_from=init_from, **extra)
+            for _ in range(self.num_experts))
+        self.router = Router(router_dim or dim, num_classes, groups, mode=router, top_k=top_k)
         self.classifier = nn.Linear(dim, num_classes)
         self.other_heads = nn.ModuleList(nn.Linear(dim, 1) for _ in range(self.num_experts))
 
@@ -265,8 +290,8 @@ class MoFE(nn.Module):
                 expert.load_state_dict(state)
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Router on the experts' input `h` (the stem's output; tokens: their CLS token)."""
-        return self.router(h if h.ndim == 2 else h[:, 0])
+        """Router on the experts' input `h` (the stem's output, or the trunk's: `router_input`)."""
+        return self.router(router_input(h))
 
     def mix_experts(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """Each sample through the experts its gate row selects (hard: exactly one), weighted."""

@@ -4,7 +4,11 @@ Output (under `data/prepared/`, the format of mofe_ood.splits): one `<split>.npz
 split with `labels` and either `images` or `paths`, and `manifest.json` (source,
 counts per class, checksums). ID splits are `train`, `val` (carved from the source's
 train data, never from its test data) and `test`; every OOD set is named by its key
-in params and tagged near or far. Images come from the data sources of
+in params and tagged near or far, and split (`prepare.ood_split`: fraction and seed,
+recorded in the manifest) into a validation part `<set>_val` (kind `ood_val`: what
+every choice reads) and a test part `<set>` (kind `ood`: reported only). A set with
+`gray: true` is converted to grayscale (ours: the ID images are gray, so a colour set
+would be told apart by colour alone). Images come from the data sources of
 mofe_ood.sources (built-ins: mofe_ood.datasets).
 
 Raw data can come from S3 (ours: a container step reads no host folder): any folder
@@ -34,14 +38,13 @@ from mofe_ood.config import base, section
 from mofe_ood.images import load_rgb
 from mofe_ood.params import ParamError, check_choice, check_number
 from mofe_ood.sources import Context, Request
-from mofe_ood.splits import GROUPS, DataError, Images
+from mofe_ood.splits import GROUPS, ID_SPLITS, VAL_SUFFIX, DataError, Images
 
 log = logging.getLogger(__name__)
 
-ID_SPLITS = ("train", "val", "test")
 # What params.yaml says `fashion_mnist_dir: null` means.
 FASHION_MNIST_ENV, FASHION_MNIST_DIR = "FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"
-OOD_KEYS = ("source", "group", "count", "classes")  # plus the keys its source declares
+OOD_KEYS = ("source", "group", "count", "classes", "gray")  # plus the keys its source declares
 
 
 # ---------------------------------------------------------------- config
@@ -87,6 +90,7 @@ class OodSet:
     count: int | None
     classes: list[int] | None
     options: Mapping[str, Any]
+    gray: bool = False  # convert to grayscale (as the ID images are), so colour alone gives nothing away
 
 
 def ood_set(what: str, entry: Any) -> OodSet:
@@ -110,7 +114,10 @@ def ood_set(what: str, entry: Any) -> OodSet:
     if classes is not None and (not isinstance(classes, list) or not classes
                                 or any(isinstance(c, bool) or not isinstance(c, int) for c in classes)):
         raise ParamError(f"{what}.classes: {classes!r} is not a list of class indices or null")
-    return OodSet(what, src.name, group, count, classes, {k: entry[k] for k in src.options})
+    gray = entry.get("gray", False)
+    if not isinstance(gray, bool):
+        raise ParamError(f"{what}.gray: {gray!r} is not true or false")
+    return OodSet(what, src.name, group, count, classes, {k: entry[k] for k in src.options}, gray)
 
 
 def _extra_ood(name: str, entry: Any) -> OodSet:
@@ -133,8 +140,14 @@ class Prepare:
     download: bool
     cache_dir: str
     fashion_mnist_dir: str | None
+    ood_split: Mapping  # {val_fraction, seed}: every OOD set -> a validation part and a test part
 
     def __post_init__(self):
+        split = self.ood_split
+        if not isinstance(split, Mapping) or set(split) != {"val_fraction", "seed"}:
+            raise ParamError(f"prepare.ood_split: expected {{val_fraction: <0..1>, seed: <int>}}, got {split!r}")
+        check_number("prepare.ood_split.val_fraction", split["val_fraction"], low=0, high=0.9)
+        check_number("prepare.ood_split.seed", split["seed"], low=0, integer=True)
         if self.ood is not None and not isinstance(self.ood, Mapping):
             raise ParamError(f"prepare.ood: expected a mapping of named OOD sets or null, got {self.ood!r}")
         check_number("prepare.max_side", self.max_side, low=16, integer=True)
@@ -234,12 +247,31 @@ def ood_images(spec: OodSet, ctx: Context) -> Images:
             raise ParamError(f"{spec.what}.count: {spec.count} is more than the {len(images)} images available")
         index = np.random.default_rng(ctx.seed).permutation(len(images))[:spec.count]
         images = images.take(np.sort(index))
-    if src.pixels:  # e.g. files inside a package: store the pixels, downscaled to max_side
+    if src.pixels or (spec.gray and images.images is None):
+        # e.g. files inside a package: store the pixels, downscaled to max_side
         images = Images(images.labels, images=np.stack([load_rgb(p, ctx.max_side) for p in images.paths]))
+    if spec.gray and images.images.ndim == 4:
+        images = Images(images.labels, images=to_gray(images.images))
     if len(images) == 0:
         raise DataError(f"{spec.what}: the OOD set is empty")
     images.labels = np.full(len(images), -1, np.int64)
     return images
+
+
+def to_gray(rgb: np.ndarray) -> np.ndarray:
+    """uint8 N x H x W x 3 -> N x H x W, ITU-R 601-2 luma (PIL's "L": 299/587/114 per mille)."""
+    wide = rgb.astype(np.uint32)
+    luma = wide[..., 0] * 299 + wide[..., 1] * 587 + wide[..., 2] * 114
+    return ((luma + 500) // 1000).astype(np.uint8)
+
+
+def ood_val_test(images: Images, val_fraction: float, seed: int, name: str) -> tuple[Images, Images]:
+    """(validation part, test part) of one OOD set: disjoint, drawn with `seed` and the set's name
+    (so adding a set changes no other set's split), each in source order."""
+    rng = np.random.default_rng([seed, *name.encode()])
+    order = rng.permutation(len(images))
+    n_val = int(round(val_fraction * len(images)))
+    return images.take(np.sort(order[:n_val])), images.take(np.sort(order[n_val:]))
 
 
 # ---------------------------------------------------------------- stage
@@ -279,10 +311,23 @@ def run(params: dict, out_dir: str | Path = "data/prepared") -> dict:
         ctx = _context(cfg, files_dir=tmp / "files", scratch=Path(scratch))
         splits, class_names = id_splits(cfg.prepare.id, ctx)
         kinds = {name: ("id", None, cfg.prepare.id.source) for name in splits}
+        split = cfg.prepare.ood_split
         for name, spec in cfg.sets.items():
-            splits[name] = ood_images(spec, ctx)
+            images = ood_images(spec, ctx)
+            if split["val_fraction"] > 0:
+                if name + VAL_SUFFIX in cfg.sets:
+                    raise ParamError(f"prepare.ood.{name}{VAL_SUFFIX}: the name is taken by the validation "
+                                     f"part of {name!r}; rename that set")
+                val, images = ood_val_test(images, split["val_fraction"], split["seed"], name)
+                if len(val) == 0 or len(images) == 0:
+                    raise DataError(f"{spec.what}: {len(val) + len(images)} images cannot be split into a "
+                                    f"validation and a test part (prepare.ood_split.val_fraction "
+                                    f"{split['val_fraction']})")
+                splits[name + VAL_SUFFIX] = val
+                kinds[name + VAL_SUFFIX] = ("ood_val", spec.group, spec.source)
+            splits[name] = images
             kinds[name] = ("ood", spec.group, spec.source)
-        manifest = {"classes": class_names, "seed": cfg.seed, "splits": {}}
+        manifest = {"classes": class_names, "seed": cfg.seed, "ood_split": dict(split), "splits": {}}
         for name, images in splits.items():
             if images.paths is not None:  # copied from S3 into the output: stored relative to it
                 images.paths = np.array([_relative(p, tmp) for p in images.paths])

@@ -6,6 +6,11 @@ model `register.model_name`, whose artifact is a `Detector` bundle served by the
 pyfunc in serving/model.py. The version's tags say what it is (variant, dataset,
 near/far AUROC and FPR95, gate metric) and what the gate decided.
 
+Which variant: `register.variant` (a name), or `auto`: the trained variant evaluate chose
+on validation (reports/selection.json). The gate reads that variant's validation metrics
+(reports/metrics_val.json: ID val against each OOD set's validation part; recorded as
+`gate_split: val`), never the test parts.
+
 The gate: alias `champion` moves to the new version only if its gate metric
 beats the champion's by more than `register.margin` and its ID accuracy is at
 most `register.accuracy_tolerance` below the champion's; otherwise the version
@@ -45,7 +50,8 @@ from mofe_ood.errors import UserError
 from mofe_ood.params import ParamError, check_number
 from mofe_ood.serving import pyfunc
 from mofe_ood.serving.bundle import from_pipeline, save, serve
-from mofe_ood.serving.gate import CHALLENGER, CHAMPION, Candidate, Decision, candidate, decide, gate_metric
+from mofe_ood.serving.gate import (CHALLENGER, CHAMPION, Candidate, Decision, candidate, decide, gate_metric,
+                                   registered_variant)
 from mofe_ood.serving.tracking import connect, experiment_id, shown, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -204,15 +210,17 @@ def run(params: dict, models_dir: str | Path = "models", reports_dir: str | Path
     models_dir, reports_dir, features_dir = Path(models_dir), Path(reports_dir), Path(features_dir)
     out = Path(out) if out is not None else reports_dir / "registration.json"
     candidate_out = Path(candidate_out) if candidate_out is not None else reports_dir / "candidate.json"
-    variant = p.variant
+    variant = registered_variant(p.variant, reports_dir)
     metrics_all = _read_json(reports_dir / "metrics.json")
+    metrics_val = _read_json(reports_dir / "metrics_val.json")
     thresholds = _read_json(reports_dir / "thresholds.json")
     info = _read_json(features_dir / "info.json")
     if variant not in metrics_all or variant not in thresholds:
         raise ParamError(f"register.variant: {variant!r} was not evaluated (reports/metrics.json has "
                          f"{', '.join(metrics_all) or 'nothing'})")
     entry, score = metrics_all[variant], thresholds[variant]["score"]
-    new = candidate(variant, entry, score, p.gate_metric, benchmark_id(info))
+    # The gate reads validation metrics only: the registered number carries no winner's curse.
+    new = candidate(variant, metrics_val.get(variant, {}), score, p.gate_metric, benchmark_id(info), "val")
 
     uri = tracking_uri()
     client = connect(uri)  # fails here, before any work or write, when the server is down
@@ -240,7 +248,8 @@ def _register(client, uri, p, params, new: Candidate, entry, info, bundle: Path,
 
     name = p.model_name
     summary = {"model_name": name, "tracking_uri": shown(uri), "variant": new.variant,
-               "content_hash": digest, "gate_metric": new.gate_metric, "gate_value": new.gate_value}
+               "content_hash": digest, "gate_metric": new.gate_metric, "gate_split": new.gate_split,
+               "gate_value": new.gate_value}
     existing = _version_with_hash(client, name, digest)
     if existing is not None and existing.tags.get("registration") == "done":
         aliases = [a for a, v in client.get_registered_model(name).aliases.items()
@@ -304,7 +313,7 @@ def _log_run(params: dict, entry: dict, info: dict, reports_dir: Path, new: Cand
     where = {k: v for k, v in (lineage or {}).items() if v} or dvc_hashes()
     mlflow.set_tags({**git_state(), **where, "variant": new.variant, "score": new.score,
                      "backbone": info["backbone"], "image_size": str(info["image_size"])})
-    for f in ("results.md", "metrics.json", "thresholds.json"):
+    for f in ("results.md", "metrics.json", "metrics_val.json", "selection.json", "thresholds.json"):
         if (reports_dir / f).is_file():
             mlflow.log_artifact(str(reports_dir / f), "reports")
     if (reports_dir / "plots").is_dir():
@@ -327,14 +336,14 @@ def _version_tags(new: Candidate, entry: dict, info: dict, digest: str, decision
     source = ((params.get("prepare") or {}).get("id") or {}).get("source", "?")
     tags = {"variant": new.variant, "score": new.score, "dataset": f"{source} ({len(info['classes'])} classes)",
             "benchmark": new.benchmark, "backbone": info["backbone"], "gate_metric": new.gate_metric,
-            "gate_value": repr(new.gate_value), "id_accuracy": repr(new.id_accuracy),
+            "gate_split": new.gate_split, "gate_value": repr(new.gate_value), "id_accuracy": repr(new.id_accuracy),
             "content_hash": digest, "registration": "pending", "decision": decision.alias,
             "reason": f"gate: {decision.reason}"}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
-    for key, value in headline(entry, new.score).items():
+    for key, value in headline(entry, new.score).items():  # the test parts' numbers: shown, not gated on
         if value is not None:
-            tags[key] = f"{value:.6f}"
+            tags[key if key != "id_accuracy" else "test_id_accuracy"] = f"{value:.6f}"
     return tags
 
 

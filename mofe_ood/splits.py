@@ -4,7 +4,8 @@
   (uint8, N x H x W gray or N x H x W x 3 RGB) or `paths` (image files, read lazily;
   relative ones are inside the prepared folder), read by `load_split` as `Images`.
 - `data/features/<split>.npz` (written by `extract`): `features` (N x D float32) and
-  `labels` (N int64, -1 for OOD), read by `load_features`.
+  `labels` (N int64, -1 for OOD), read by `load_features`; with `extract.top_blocks` > 0
+  also `trunk` (float16, the activations entering the backbone's top), read by `load_trunk`.
 
 A library module: extract, train, evaluate and serving read these without importing
 the stage that wrote them.
@@ -21,7 +22,10 @@ import numpy as np
 from mofe_ood.errors import UserError
 
 
+ID_SPLITS = ("train", "val", "test")  # the ID splits, in this order; every other split is an OOD set
 GROUPS = ("near", "far")  # what an OOD set is tagged (manifest.json, info.json)
+# `<set>_val` (kind "ood_val"): the validation part of OOD set `<set>` (kind "ood", the test part)
+VAL_SUFFIX = "_val"
 
 
 class DataError(UserError):
@@ -61,3 +65,13 @@ def load_features(features_dir: str | Path, name: str) -> tuple[np.ndarray, np.n
     """(features, labels) of one split of `features_dir`."""
     with np.load(Path(features_dir) / f"{name}.npz") as f:
         return f["features"], f["labels"]
+
+
+def load_trunk(features_dir: str | Path, name: str) -> np.ndarray:
+    """The cached trunk activations of one split (float16, N x C x H x W or N x T x D): what block
+    experts read; written when `extract.top_blocks` > 0."""
+    path = Path(features_dir) / f"{name}.npz"
+    with np.load(path) as f:
+        if "trunk" not in f:
+            raise DataError(f"{path} holds no trunk activations: run extract with extract.top_blocks >= 1")
+        return f["trunk"]

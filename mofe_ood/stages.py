@@ -77,7 +77,7 @@ STAGES: tuple[Stage, ...] = (
           "frozen-backbone features under data/features",
           Resources(4, "16Gi", cache=True, data=True, gpus=True)),
     Stage("train", ("base", "extract", "train", "finetune"),
-          "train the heads (linear, mlp, mofe, mofe_dynmix) into models/",
+          "train the variants (heads on pooled features; top and block experts on the cached trunk) into models/",
           Resources(4, "32Gi", retries=1, data=True, gpus=True)),  # fine-tuning reads images
     Stage("evaluate", ("base", "train", "finetune", "evaluate", "register"),
           "every variant x OOD score x OOD set into reports/",

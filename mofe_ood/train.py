@@ -1,7 +1,10 @@
 """Stage `train`: heads on the cached frozen features, one folder per variant.
 
-Variants (`train.variants`, training/heads.py): `linear`, `mlp`, `mofe` and
-`mofe_dynmix` (MoFE + Dynamic-β Mixup: the method); with `finetune.enabled`
+Variants (`train.variants`, training/heads.py): on the pooled frozen features
+`linear`, `mlp`, `mofe` and `mofe_dynmix` (MLP experts, ours); on the cached trunk
+activations (extract.top_blocks) `top` (the backbone's top fine-tuned, no experts),
+`mofe_block` and `mofe_block_dynmix` (the paper's MoFE: copies of the top as
+experts, + Dynamic-β Mixup: the method); with `finetune.enabled`
 also the fine-tuned MoFE on images (training/finetuning.py), as
 `finetune.variant`, after the heads. The training itself is the library's
 (mofe_ood/training/); this module reads params and folders and writes outputs.
@@ -12,6 +15,8 @@ Output per variant, `<models_dir>/<variant>/`:
   groups, the params used, the final ID validation accuracy;
 - `history.csv`: one row per epoch (DVC plot data): epoch, phase, loss, lr,
   ID val accuracy, the mixup alpha of every class in use.
+and for each of `train.seeds` (other seeds than base.seed, ours: mean ± sd in
+results.md) the same under `<models_dir>/<variant>/seeds/<seed>/`;
 plus `<models_dir>/metrics.json` (per variant: final val accuracy, epochs; no timings: DVC
 tracks the folder, and its hash must be the same on every machine. Timings go to the log).
 
@@ -38,18 +43,21 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mofe_ood.atomic import replacing
-from mofe_ood.backbones import is_vit
+from mofe_ood.backbones import is_vit, preprocess_config
 from mofe_ood.config import as_dict, base
 from mofe_ood.params import ParamError
 from mofe_ood.training import distributed, finetuning
-from mofe_ood.training.data import load_data
+from mofe_ood.splits import load_features, load_trunk
+from mofe_ood.training.data import load_data, load_trunk_data
 from mofe_ood.training.head_training import train_variant
-from mofe_ood.training.heads import save_weights, trained_variants, write_config
+from mofe_ood.training.heads import (VARIANTS, FinetunedMoFE, frozen_backbone, save_image_model, save_weights,
+                                     trained_variants, write_config)
 from mofe_ood.training.history import history_markdown, write_history
-from mofe_ood.training.settings import TrainConfig, finetune_config, train_config
+from mofe_ood.training.settings import TRUNK_VARIANTS, TrainConfig, finetune_config, train_config
 
 __all__ = ["config", "run", "history_markdown"]
 log = logging.getLogger(__name__)
@@ -76,6 +84,8 @@ def run(params: dict, features_dir: str | Path = "data/features", models_dir: st
     move at the end. More than one process: relaunch under torchrun and return rank 0's summary."""
     cfg, finetune = _check(params)
     seed = base(params).seed
+    if seed in cfg.seeds:
+        raise ParamError(f"train.seeds: {cfg.seeds!r} repeats base.seed {seed} (list only the other seeds)")
     features_dir, models_dir = Path(features_dir), Path(models_dir)
     info = json.loads((features_dir / "info.json").read_text())
     if any(v.startswith("mofe") for v in cfg.variants):
@@ -88,6 +98,9 @@ def run(params: dict, features_dir: str | Path = "data/features", models_dir: st
     if world.distributed:
         log.info("train: rank %d of %d on %s", world.rank, world.size, world.device)
     data = load_data(features_dir)
+    trunk, backbone, backbone_spec = None, None, None
+    if any(VARIANTS[v].trunk for v in cfg.variants):
+        trunk, backbone, backbone_spec = _trunk_inputs(features_dir, info, params)
     summary = {}
     with replacing(models_dir, enabled=world.main) as tmp:
         with torch.random.fork_rng(devices=[]):
@@ -96,13 +109,21 @@ def run(params: dict, features_dir: str | Path = "data/features", models_dir: st
                 if cfg.num_threads:
                     torch.set_num_threads(cfg.num_threads)
                 for variant in cfg.variants:
-                    ckpt_dir = Path(cfg.checkpoint_dir) / variant if cfg.checkpoint_dir else None
-                    start = time.perf_counter()
-                    model, arch, history = train_variant(variant, cfg, data, seed, ckpt_dir, world)
-                    if world.main:
-                        _write_variant(tmp / variant, variant, model, arch, history, cfg, seed, data, info)
-                    summary[variant] = {"val_accuracy": history[-1]["val_accuracy"], "epochs": len(history)}
-                    log.info("train %s: %.1f s", variant, time.perf_counter() - start)
+                    # base.seed's model is the variant's; each of train.seeds adds one under seeds/<seed>/
+                    for run_seed in (seed, *cfg.seeds):
+                        where = variant if run_seed == seed else f"{variant}/seeds/{run_seed}"
+                        ckpt_dir = Path(cfg.checkpoint_dir) / where if cfg.checkpoint_dir else None
+                        start = time.perf_counter()
+                        model, arch, history = train_variant(variant, cfg, data, run_seed, ckpt_dir, world, trunk,
+                                                             backbone, backbone_spec)
+                        if world.main and VARIANTS[variant].trunk:
+                            _write_trunk_variant(tmp / where, variant, model, backbone, history, cfg, run_seed,
+                                                 features_dir, info)
+                        elif world.main:
+                            _write_variant(tmp / where, variant, model, arch, history, cfg, run_seed, data, info)
+                        if run_seed == seed:
+                            summary[variant] = {"val_accuracy": history[-1]["val_accuracy"], "epochs": len(history)}
+                        log.info("train %s (seed %d): %.1f s", variant, run_seed, time.perf_counter() - start)
             finally:
                 torch.set_num_threads(threads)
         if world.main and finetune:
@@ -110,7 +131,7 @@ def run(params: dict, features_dir: str | Path = "data/features", models_dir: st
         if world.main:
             (tmp / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     if world.main and cfg.checkpoint_dir:  # finished: the checkpoints have served
-        for variant in cfg.variants:
+        for variant in cfg.variants:  # (seeds/ of train.seeds lie inside each variant's folder)
             shutil.rmtree(Path(cfg.checkpoint_dir) / variant, ignore_errors=True)
     world.barrier()  # the other ranks leave once rank 0 has written
     distributed.shutdown(world)
@@ -127,6 +148,38 @@ def _write_variant(out: Path, variant: str, model, arch: dict, history: list[dic
                        "params": {"seed": seed, "train": as_dict(cfg)},
                        "val_accuracy": history[-1]["val_accuracy"] if history else None})
     write_history(out / "history.csv", history)
+
+
+def _trunk_inputs(features_dir: Path, info: dict, params: dict):
+    """What the trunk variants train on: the cached trunk, the frozen backbone their experts copy."""
+    top = info.get("trunk")
+    if not top:
+        raise ParamError(f"train.variants: {', '.join(TRUNK_VARIANTS)} read the trunk activations, but "
+                         f"{features_dir} has none: set extract.top_blocks >= 1 and run extract again")
+    backbone = frozen_backbone(info["backbone"], str(info["weights"]), int(info["image_size"]), base(params).seed)
+    spec = {"backbone": info["backbone"], "image_size": int(info["image_size"]), "top_blocks": int(top["top_blocks"])}
+    return load_trunk_data(features_dir, load_data(features_dir)), backbone.eval(), spec
+
+
+@torch.inference_mode()
+def _write_trunk_variant(out: Path, variant: str, model, backbone, history: list[dict], cfg: TrainConfig,
+                         seed: int, features_dir: Path, info: dict) -> None:
+    """A trunk variant as an image model (heads.save_image_model): the frozen backbone's trunk + the
+    trained MoFE, and its routed features of every split, computed from the cached trunk."""
+    def split_features():
+        for split in info["splits"]:
+            x, labels = load_trunk(features_dir, split), load_features(features_dir, split)[1]
+            feats = [model(torch.from_numpy(x[i:i + 1024].astype(np.float32)))["feature"].numpy()
+                     for i in range(0, len(x), 1024)]
+            yield split, np.concatenate(feats) if feats else np.zeros((0, model.dim), np.float32), labels
+
+    out.mkdir(parents=True)
+    prep = preprocess_config(backbone, int(info["image_size"]))
+    save_image_model(out, variant, FinetunedMoFE(backbone, model.eval()), split_features(), info["splits"],
+                     list(info["classes"]),
+                     {"backbone": info["backbone"], "weights": info["weights"], "image_size": info["image_size"],
+                      "mean": prep.mean, "std": prep.std, "backbone_kwargs": {}},
+                     {"seed": seed, "train": as_dict(cfg), "top_blocks": info["trunk"]["top_blocks"]}, history)
 
 
 def _launch(processes: int, params: dict, features_dir: Path, models_dir: Path, prepared_dir) -> None:

@@ -1,8 +1,10 @@
-"""Score hyper-parameters chosen on ID data only: held-out ID classes as pseudo-OOD (ours).
+"""Choices made without test data: score hyper-parameters, the default score, the variant.
 
 A score declares what is tuned (`OODScore.tuned`, mofe_ood.scores); `candidates` turns the
-params' lists into the candidate keyword sets, `select_hyper` picks one without touching
-OOD or test data.
+params' lists into the candidate keyword sets. With OOD validation parts (prepare.ood_split,
+as OpenOOD v1.5) `select_on_val` picks the candidate whose validation metrics (ID val against
+each OOD set's val part) give the best `objective`; without them `select_hyper` picks one on
+ID data alone (held-out ID classes as pseudo-OOD, ours). No test sample is read by either.
 """
 
 from __future__ import annotations
@@ -26,6 +28,45 @@ def candidates(name: str, lists: Mapping[str, list]) -> list[dict]:
     tuned = score_class(name).tuned
     grids = [lists[t.key] for t in tuned.values()]
     return [dict(zip(tuned, values, strict=True)) for values in itertools.product(*grids)]
+
+
+LOWER_IS_BETTER = ("fpr95", "fpr95_openood")
+
+
+def check_selection(selection, what: str) -> list[str]:
+    """A non-empty list of `<near|far|set>.<metric>` names (metric one of METRIC_KEYS)."""
+    from mofe_ood.metrics import METRIC_KEYS
+
+    if not isinstance(selection, list) or not selection:
+        raise ParamError(f"{what}: {selection!r} is not a non-empty list of <near|far|set>.<metric>")
+    for name in selection:
+        group, _, metric = str(name).partition(".")
+        if not group or metric not in METRIC_KEYS:
+            raise ParamError(f"{what}: {name!r} is not <near|far|set>.<metric> with metric one of "
+                             f"{', '.join(METRIC_KEYS)}")
+    return selection
+
+
+def objective(result: Mapping, selection: list[str]) -> float:
+    """The mean of the `selection` metrics of one result ({near: M, far: M, <set>: M}), each turned
+    so that higher is better (1 - FPR); a group or set `result` lacks is an error that names it."""
+    values = []
+    for name in selection:
+        group, _, metric = name.partition(".")
+        if group not in result:
+            raise ParamError(f"evaluate.selection: {name!r}: no {group!r} among the validation sets "
+                             f"({', '.join(k for k in result if k != 'selection')})")
+        value = float(result[group][metric])
+        values.append(1.0 - value if metric in LOWER_IS_BETTER else value)
+    return float(np.mean(values))
+
+
+def select_on_val(candidates: list[dict], val_result, selection: list[str]) -> tuple[dict, list[dict]]:
+    """The candidate whose `val_result(candidate)` has the best `objective` (ties: the earlier one);
+    -> (best, table of {hyper, selection})."""
+    table = [{"hyper": dict(c), "selection": objective(val_result(c), selection)} for c in candidates]
+    best = max(table, key=lambda row: row["selection"])
+    return dict(best["hyper"]), table
 
 
 def class_folds(labels, folds: int, seed: int = 0) -> list[np.ndarray]:

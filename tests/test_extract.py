@@ -8,7 +8,7 @@ from PIL import Image
 from mofe_ood import extract, prepare
 from mofe_ood.backbones import Preprocess, features_of, preprocess
 from mofe_ood.params import ParamError, merged
-from mofe_ood.splits import Images, load_features, load_split
+from mofe_ood.splits import Images, load_features, load_split, load_trunk
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, small_run):
@@ -33,10 +33,16 @@ def test_preprocess_replicates_gray_and_normalises():
 
 def test_features_layout(tiny):
     params, root, info = tiny
-    names = ["train", "val", "test", "fmnist_near", "mnist", "textile", "textures"]
+    sets = ["fmnist_near", "mnist", "textile", "textures"]
+    names = ["train", "val", "test", *sets, *(f"{s}_val" for s in sets)]
     assert sorted(p.stem for p in (root / "features").glob("*.npz")) == sorted(names)
     assert info["feature_dim"] == 1280 and info["image_size"] == 64
-    assert info["splits"]["fmnist_near"] == {"kind": "ood", "group": "near", "count": 5}
+    assert info["splits"]["fmnist_near"] == {"kind": "ood", "group": "near", "count": 4}
+    assert info["splits"]["fmnist_near_val"] == {"kind": "ood_val", "group": "near", "count": 1}
+    # the activations entering the top (blocks[6] at 64 px: 192 x 2 x 2), float16, one per image
+    assert info["trunk"] == {"top_blocks": 1, "shape": [192, 2, 2], "dtype": "float16"}
+    trunk = load_trunk(root / "features", "train")
+    assert trunk.dtype == np.float16 and trunk.shape == (28, 192, 2, 2)
     assert json.loads((root / "features" / "info.json").read_text()) == info
     for name in names:
         feats, labels = load_features(root / "features", name)
@@ -85,6 +91,7 @@ def test_bad_extract_params_keep_earlier_features(tiny):
              ({"batch_size": 0}, "extract.batch_size: 0"),
              ({"device": "gpu"}, "extract.device: 'gpu' is not one of 'auto', 'cpu', 'cuda'"),
              ({"num_threads": 0}, "extract.num_threads: 0 is below the minimum 1"),
+             ({"top_blocks": 7}, r"extract.top_blocks: 7 must be an integer between 1 and 6 \(the backbone has 7"),
              ({"image_sise": 64}, r"extract.image_sise: not a known key \(did you mean extract.image_size\?\)")]
     if not torch.cuda.is_available():
         cases.append(({"device": "cuda"}, "extract.device: 'cuda' but no CUDA device"))

@@ -40,7 +40,7 @@ def test_finetune_writes_a_loadable_model_and_features(data, finetuned):
     saved = np.load(out / "features" / "val.npz")
     assert np.allclose(result["feature"].numpy(), saved["features"], atol=1e-4)
     assert torch.allclose(result["gates"].sum(1), torch.ones(len(x)))
-    e0, e1 = (e.block.mlp.fc1.weight for e in model.mofe.experts)
+    e0, e1 = (e.top[0].mlp.fc1.weight for e in model.mofe.experts)
     assert not torch.equal(e0, e1)  # each expert trained on its own group
     # the feature-based head over the routed features = the fine-tuned model's classifier
     head, _ = heads.load_model(out)

@@ -5,7 +5,8 @@ import torch
 
 from mofe_ood import mofe
 from mofe_ood.mixup import DynamicBetaMixup
-from mofe_ood.mofe import EXPERTS, BlockExpert, MLPExpert, MoFE, class_groups, register_expert, tokens_before_last_block
+from mofe_ood.backbones import create_backbone, for_inference, pooled_features, trunk_of
+from mofe_ood.mofe import EXPERTS, BlockExpert, MLPExpert, MoFE, class_groups, register_expert
 from mofe_ood.training.phases import phase_loss, set_trainable, trainable_parameters
 
 GROUPS = [0, 1, 0, 2, 1, 2]  # 6 classes, 3 experts
@@ -173,19 +174,43 @@ def test_block_expert_reproduces_the_last_block_at_init(vit):
     x = torch.randn(3, 3, 56, 56)
     with torch.no_grad():
         want = vit.forward_head(vit.forward_features(x), pre_logits=True)
-        tokens = tokens_before_last_block(vit, x)
+        tokens = trunk_of(vit, x, 1)
         expert = BlockExpert(64, init_from=vit).eval()
         assert torch.allclose(expert(tokens), want, atol=1e-5)
         model = MoFE(64, 4, [0, 1, 1, 0], expert="block", init_from=vit).eval()
         out = model(tokens)  # every expert is the block: the routed feature is the backbone's
         assert torch.allclose(out["feature"], want, atol=1e-5)
         assert out["router_logits"].shape == (3, 4)
-    assert expert.block is not vit.blocks[-1]
+    assert expert.top[0] is not vit.blocks[-1]
     with torch.no_grad():
-        expert.block.mlp.fc1.weight.add_(1.0)
-    assert not torch.equal(expert.block.mlp.fc1.weight, vit.blocks[-1].mlp.fc1.weight)
+        expert.top[0].mlp.fc1.weight.add_(1.0)
+    assert not torch.equal(expert.top[0].mlp.fc1.weight, vit.blocks[-1].mlp.fc1.weight)
     with pytest.raises(ValueError, match="needs init_from"):
         BlockExpert(64)
+
+
+def test_a_cnn_block_expert_on_the_cached_trunk_gives_the_frozen_pooled_feature():
+    """EfficientNet-Lite0 (real weights) at 128 px: extract's cache (the folded model's blocks[5]
+    output in float16) through a copy of the unfolded top = the frozen pooled feature to ~2e-4."""
+    net = create_backbone("tf_efficientnet_lite0", "package", 128, num_classes=0).eval()
+    folded = for_inference(net, 128)
+    x = torch.randn(6, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = pooled_features(net, x)
+        trunk = trunk_of(folded, x, 1).half()
+        assert trunk.shape == (6, 192, 4, 4)
+        expert = BlockExpert(1280, init_from=net).eval()
+        got = expert(trunk.float())
+        assert (got - want).abs().max() <= 2e-4 * want.abs().max()
+        two = BlockExpert(1280, init_from=net, top_blocks=2).eval()  # the split point is a parameter
+        assert torch.allclose(two(trunk_of(net, x, 2)), want, atol=1e-5)
+        model = MoFE(1280, 7, [0, 1, 0, 0, 2, 2, 1], expert="block", init_from=net, router_dim=192).eval()
+        out = model(trunk.float())  # every expert is the top: the routed feature is the backbone's
+        assert (out["feature"] - want).abs().max() <= 2e-4 * want.abs().max()
+        assert out["router_logits"].shape == (6, 7) and out["gates"].sum(1).eq(1).all()
+    assert expert.top[0] is not net.blocks[-1]
+    with pytest.raises(ValueError, match="between 1 and 6"):
+        BlockExpert(1280, init_from=net, top_blocks=7)
 
 
 def test_expert_kinds_are_a_registry_with_one_signature():

@@ -48,7 +48,9 @@ def test_a_preset_is_an_overlay_of_params_yaml_keys_only(path):
         for key, value in body.items():
             if not isinstance(value, dict):
                 assert base[section][key] != value, f"{path.name}: {section}.{key} repeats params.yaml's value"
-    assert merged["extract"]["backbone"] == "vit_base_patch14_dinov2" and merged["base"] == base["base"]
+    assert merged["base"] == base["base"]
+    if path.name == "full.yaml":
+        assert merged["extract"]["backbone"] == "vit_base_patch14_dinov2"
 
 
 def test_an_overlay_merges_mappings_and_replaces_lists(tmp_path):

@@ -36,24 +36,48 @@ def _write_folder(root, classes=("a", "b"), per_class=3, size=(40, 30)):
 def test_default_benchmark_splits(tmp_path, small_params):
     manifest = prepare.run(small_params, tmp_path / "prepared")
     splits = manifest["splits"]
-    assert list(splits) == ["train", "val", "test", "fmnist_near", "mnist", "textile", "textures"]
+    assert list(splits) == ["train", "val", "test", "fmnist_near_val", "fmnist_near", "mnist_val", "mnist",
+                            "textile_val", "textile", "textures_val", "textures"]
+    assert manifest["ood_split"] == {"val_fraction": 0.2, "seed": 0}
     assert manifest["classes"] == ["T-shirt/top", "Trouser", "Pullover", "Dress", "Sandal", "Sneaker", "Bag"]
     assert splits["train"]["counts_per_class"] == {c: 20 for c in manifest["classes"]}
     assert splits["val"]["counts_per_class"] == {c: 5 for c in manifest["classes"]}
     assert splits["test"]["count"] == 70
     assert {n: splits[n]["group"] for n in ("fmnist_near", "mnist", "textile", "textures")} == {
         "fmnist_near": "near", "mnist": "far", "textile": "far", "textures": "far"}
+    assert {splits[n]["kind"] for n in splits if n.endswith("_val") and n != "val"} == {"ood_val"}
     train = load_split(tmp_path / "prepared", "train")
     assert train.images.shape == (140, 28, 28) and train.images.dtype == np.uint8
     assert set(train.labels) == set(range(7))
-    for name, shape in (("mnist", (40, 28, 28)), ("textures", (9, 32, 32))):
-        ood = load_split(tmp_path / "prepared", name)
-        assert ood.images.shape == shape and (ood.labels == -1).all()
+    # every OOD set: 20% to its validation part, the rest to its test part
+    for name, val_shape, test_shape in (("mnist", (8, 28, 28), (32, 28, 28)), ("textures", (2, 32, 32), (7, 32, 32))):
+        ood, val = (load_split(tmp_path / "prepared", n) for n in (name, name + "_val"))
+        assert ood.images.shape == test_shape and val.images.shape == val_shape
+        assert (ood.labels == -1).all() and (val.labels == -1).all()
     textile = load_split(tmp_path / "prepared", "textile").images
-    assert textile.shape == (12, 128, 128, 3)  # 250 px photos downscaled to max_side
+    # 250 px photos downscaled to max_side, gray like the ID images (params: gray: true)
+    assert textile.shape == (10, 128, 128) and textile.dtype == np.uint8
     # Same seed, same bytes.
     again = prepare.run(small_params, tmp_path / "again")
     assert {n: s["sha256"] for n, s in again["splits"].items()} == {n: s["sha256"] for n, s in splits.items()}
+
+
+def test_ood_val_and_test_parts_are_disjoint_deterministic_and_per_set():
+    images = Images(np.full(50, -1), images=np.arange(50))  # the "image" is its own index
+    val, test = prepare.ood_val_test(images, 0.2, 0, "mnist")
+    assert len(val) == 10 and len(test) == 40
+    assert not set(val.images) & set(test.images) and set(val.images) | set(test.images) == set(range(50))
+    again, _ = prepare.ood_val_test(images, 0.2, 0, "mnist")
+    assert np.array_equal(again.images, val.images)  # fixed seed: the same parts every run
+    other, _ = prepare.ood_val_test(images, 0.2, 0, "textile")  # another set draws its own
+    assert not np.array_equal(other.images, val.images)
+    assert not np.array_equal(prepare.ood_val_test(images, 0.2, 1, "mnist")[0].images, val.images)
+
+
+def test_gray_is_pil_luma():
+    rgb = np.random.default_rng(0).integers(0, 256, (3, 5, 4, 3), dtype=np.uint8)
+    want = np.stack([np.asarray(Image.fromarray(im).convert("L")) for im in rgb])
+    assert np.abs(prepare.to_gray(rgb).astype(int) - want).max() <= 1
 
 
 def test_train_and_val_are_disjoint_per_class():
@@ -99,7 +123,7 @@ def test_corrupt_images_are_skipped_and_counted_or_fail(tmp_path, small_params, 
         return
     with pytest.warns(UserWarning, match="skipped 2 unreadable"):
         manifest = prepare.run(params, tmp_path / "out")
-    assert manifest["splits"]["mine"]["count"] == 3
+    assert manifest["splits"]["mine"]["count"] + manifest["splits"]["mine_val"]["count"] == 3
     assert manifest["splits"]["mine"]["bad_files_skipped"] == 2
     assert manifest["splits"]["mine"]["group"] == "far"
 
@@ -114,6 +138,10 @@ def test_corrupt_images_are_skipped_and_counted_or_fail(tmp_path, small_params, 
      "prepare.ood.mine: image folder '/no/such/ood' does not exist"),
     ({"prepare": {"fashion_mnist_dir": "/no/fmnist"}}, FileNotFoundError, "Fashion-MNIST not found: /no/fmnist"),
     ({"prepare": {"ood": {"mnist": {"count": 999999}}}}, ParamError, "prepare.ood.mnist.count: 999999"),
+    ({"prepare": {"ood_split": {"val_fraction": 0.95, "seed": 0}}}, ParamError,
+     "prepare.ood_split.val_fraction: 0.95"),
+    ({"prepare": {"ood_split": {"fraction": 0.2}}}, ParamError, "prepare.ood_split: expected"),
+    ({"prepare": {"ood": {"mnist": {"gray": "yes"}}}}, ParamError, "prepare.ood.mnist.gray: 'yes'"),
     ({"prepare": {"id": {"train_per_class": -3}}}, ParamError, "prepare.id.train_per_class: -3"),
     ({"prepare": {"id": {"source": "mnist"}}}, ParamError, "prepare.id.source: 'mnist' is not one of .*'cifar10'"),
     ({"prepare": {"ood": {"textures": {"crop_sise": 32}}}}, ParamError,
@@ -173,6 +201,7 @@ def test_a_registered_toy_source_becomes_an_ood_set(tmp_path, small_params, stri
     params = merged(small_params, {"prepare": {"ood": {
         "zebra": {"source": "stripes", "group": "far", "count": 4, "width": 2}}}})
     params["prepare"]["ood"] = {"zebra": params["prepare"]["ood"]["zebra"]}  # only the toy set
+    params["prepare"]["ood_split"]["val_fraction"] = 0  # all four in the test part
     manifest = prepare.run(params, tmp_path / "out")
     assert list(manifest["splits"]) == ["train", "val", "test", "zebra"]
     assert {k: manifest["splits"]["zebra"][k] for k in ("kind", "group", "source", "count", "shape")} == {

@@ -29,17 +29,20 @@ BIN = Path(sys.executable).parent
 
 
 def with_metrics(project: Path, dest: Path, variant: str, **changes) -> Path:
-    """A copy of the project's reports whose registered-variant metrics are changed (same model)."""
+    """A copy of the project's reports whose registered-variant metrics are changed (same model):
+    metrics.json's to the values given, metrics_val.json's (what the gate reads) by the same step."""
     shutil.copytree(project / "reports", dest)
-    data = json.loads((dest / "metrics.json").read_text())
-    entry = data[variant]
+    data, val = (json.loads((dest / f).read_text()) for f in ("metrics.json", "metrics_val.json"))
     for key, value in changes.items():
         if key == "id_accuracy":
-            entry["id_accuracy"] = value
+            val[variant]["id_accuracy"] += value - data[variant]["id_accuracy"]
+            data[variant]["id_accuracy"] = value
         else:
             group, metric = key.split("__")
-            entry["knn"][group][metric] = value
+            val[variant]["knn"][group][metric] += value - data[variant]["knn"][group][metric]
+            data[variant]["knn"][group][metric] = value
     (dest / "metrics.json").write_text(json.dumps(data))
+    (dest / "metrics_val.json").write_text(json.dumps(val))
     return dest
 
 
@@ -111,6 +114,9 @@ def test_first_registration_logs_the_run_and_becomes_champion(registry, project,
     assert float(tags["near_auroc"]) == pytest.approx(registry["near"], abs=1e-6)
     assert {"far_auroc", "near_fpr95", "far_fpr95", "content_hash"} <= set(tags)
     assert tags["decision"] == "champion" and tags["registration"] == "done"
+    # The gate read validation metrics only (the OOD sets' validation parts), and says so.
+    val = json.loads((project / "reports" / "metrics_val.json").read_text())[tiny_variant]["knn"]["near"]["auroc"]
+    assert first["gate_split"] == tags["gate_split"] == "val" and first["gate_value"] == pytest.approx(val)
 
 
 @pytest.mark.slow
@@ -207,7 +213,7 @@ def test_mofe_score_reads_the_registered_champion(registry, project, capsys, tin
         assert cli.main(["score", "images/fmnist_near", "--model", model]) == 0
         results.append([json.loads(line) for line in capsys.readouterr().out.splitlines()])
     from_registry, local = results
-    assert len(from_registry) == 60
+    assert len(from_registry) == 48  # the near set's test part
     for a, b in zip(from_registry, local):
         assert a["path"] == b["path"] and a["class"] == b["class"] and a["is_ood"] == b["is_ood"]
         # The registered bundle runs the backbone on ONNX Runtime, models/ on torch: float rounding apart.
@@ -227,8 +233,24 @@ def test_gate_rules(tiny_variant, tiny_run):
     fpr = dict(gate_metric="far.fpr95", gate_value=0.30)
     assert gate(new(**{**fpr, "gate_value": 0.20}), new(**fpr)).alias == "champion"
     assert gate(new(**{**fpr, "gate_value": 0.40}), new(**fpr)).alias == "challenger"
+    # A champion gated on its test metrics (before the val/test split) is not comparable.
+    assert "not comparable" in gate(new(gate_value=0.9), new(gate_split="test")).reason
+    assert Candidate.from_tags({"gate_value": "0.8"}).gate_split == "test"
     with pytest.raises(register.ParamError, match="register.gate_metric"):
         register.config(merged(tiny_run(), {"register": {"gate_metric": "near.accuracy"}}))
+
+
+def test_register_variant_auto_is_the_variant_chosen_on_validation(tmp_path):
+    from mofe_ood.serving.gate import registered_variant
+
+    assert registered_variant("mofe_block", tmp_path) == "mofe_block"  # a name: as given
+    with pytest.raises(FileNotFoundError, match="selection.json does not exist"):
+        registered_variant("auto", tmp_path)
+    (tmp_path / "selection.json").write_text(json.dumps({"split": "val", "variant": "top", "score": "knn"}))
+    assert registered_variant("auto", tmp_path) == "top"
+    (tmp_path / "selection.json").write_text(json.dumps({"split": "val", "variant": None}))
+    with pytest.raises(register.ParamError, match="register.variant: auto, but evaluate chose no variant"):
+        registered_variant("auto", tmp_path)
 
 
 def test_a_dvc_experiment_never_takes_champion(monkeypatch, tiny_variant, tiny_run):

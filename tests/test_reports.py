@@ -4,7 +4,7 @@ that the Kubeflow UI shows (results.md's table as an HTML table, plots inline)."
 import json
 from html.parser import HTMLParser
 
-from mofe_ood import cli, evaluate
+from mofe_ood import cli, evaluate, report
 
 
 class Cells(HTMLParser):
@@ -36,7 +36,7 @@ def test_plots_page_shows_results_as_an_html_table(tiny_project):
     markdown_rows = [line for line in (reports / "results.md").read_text().splitlines()
                      if line.startswith("|") and not line.startswith("|---")]
     page = Cells()
-    page.feed(evaluate.plots_html(reports))
+    page.feed(report.plots_html(reports))
     assert len(page.rows) == len(markdown_rows) > 2
     assert page.rows[0][:2] == ["variant", "score"]
     first = [c.strip().strip("*") for c in markdown_rows[1].strip("|").split("|")]
@@ -49,8 +49,9 @@ def test_evaluate_prints_one_line_per_variant_not_the_metrics(tiny_project, tiny
     metrics = json.loads((tiny_project / "reports" / "metrics.json").read_text())
     lines = evaluate.summary(metrics, tiny_params).splitlines()
     assert len(lines) == len(metrics) + 2 and all(len(line) < 100 for line in lines)
-    default = tiny_params["evaluate"]["default_score"]
+    thresholds = json.loads((tiny_project / "reports" / "thresholds.json").read_text())
     for variant, line in zip(metrics, lines[1:-1], strict=True):
+        default = thresholds[variant]["score"]  # chosen on validation
         near = metrics[variant][default]["near"]["auroc"]
         assert line.split()[:2] == [variant, default] and f"{100 * near:.1f}" in line.split()
     # The CLI prints that summary (the stage itself is not re-run: the fixture is shared).

@@ -276,3 +276,78 @@ def test_a_registered_toy_score_is_tuned_on_id_data_only_and_evaluated(toy_score
     assert results["cluster"][1] > 0.99 and results["moved"][1] != results["cluster"][1]
     with pytest.raises(ParamError, match="evaluate.first_dims_dims: missing"):
         evaluate.config(load("params.yaml"))
+
+
+def test_choices_read_the_ood_validation_parts_and_never_the_test_parts(tmp_path, data):
+    """K, the default score and the variant come from ID val against each OOD set's validation
+    part (`<set>_val`, kind ood_val); replacing the test parts changes only the test metrics."""
+    x_train, y_train, x_val, y_val, x_ood, _ = data
+    x_test, y_test = synthetic(seed=1)[2:4]
+    params = merged(load("params.yaml"), {"evaluate": {
+        "variants": ["frozen"], "scores": ["knn", "mahalanobis"], "default_score": "auto",
+        "knn_k": [1, 50], "selection": ["far.auroc"]}})
+    near_id = x_val[:60] + 0.3  # close to ID: what K must separate
+    results = {}
+    for name, test_ood in (("a", x_ood), ("b", x_test[:100] + 5.0)):
+        splits = {"train": (x_train, y_train, None), "val": (x_val, y_val, None), "test": (x_test, y_test, None),
+                  "ood_val": (near_id, -np.ones(len(near_id)), "far"),
+                  "ood": (test_ood, -np.ones(len(test_ood)), "far")}
+        write_features(tmp_path / name / "features", splits)
+        info = json.loads((tmp_path / name / "features" / "info.json").read_text())
+        info["splits"]["ood_val"]["kind"] = "ood_val"
+        (tmp_path / name / "features" / "info.json").write_text(json.dumps(info))
+        test = evaluate.run(params, tmp_path / name / "features", tmp_path / "no-models", tmp_path / name)
+        read = {f: json.loads((tmp_path / name / f).read_text())
+                for f in ("metrics_val.json", "thresholds.json", "selection.json")}
+        results[name] = (test, read)
+    (test_a, read_a), (test_b, read_b) = results["a"], results["b"]
+    assert read_a == read_b  # every choice, the thresholds and the val metrics: test parts unread
+    assert test_a != test_b
+    val = read_a["metrics_val.json"]["frozen"]
+    best = "mahalanobis"
+    # K is the candidate with the best validation objective; the default score the best on val
+    rows = val["knn"]["candidates"]
+    assert [r["hyper"] for r in rows] == [{"k": 1}, {"k": 50}] and rows[0]["selection"] != rows[1]["selection"]
+    assert val["knn"]["hyper"] == max(rows, key=lambda r: r["selection"])["hyper"]
+    assert val["knn"]["selection"] == pytest.approx(max(r["selection"] for r in rows))
+    assert val["mahalanobis"]["selection"] > 0.99 > val["knn"]["selection"]
+    assert read_a["thresholds.json"]["frozen"]["score"] == "mahalanobis"
+    assert val[best]["selection"] == pytest.approx(val[best]["far"]["auroc"])
+    assert read_a["selection.json"]["split"] == "val" and read_a["selection.json"]["variant"] is None  # frozen only
+    with pytest.raises(ParamError, match="evaluate.selection: 'near.accuracy'"):
+        evaluate.config(merged(params, {"evaluate": {"selection": ["near.accuracy"]}}))
+
+
+def test_train_seeds_give_mean_and_sd_in_the_report(tmp_path, data):
+    """train.seeds trains each variant again per seed (models/<variant>/seeds/<seed>/); evaluate
+    reports each seed's default-score metrics and their mean ± sd (seeds.json, results.md)."""
+    from mofe_ood import train
+
+    x_train, y_train, x_val, y_val, x_ood, _ = data
+    x_test, y_test = synthetic(seed=1)[2:4]
+    features = tmp_path / "features"
+    write_features(features, {"train": (x_train, y_train, None), "val": (x_val, y_val, None),
+                              "test": (x_test, y_test, None), "ood_val": (x_ood[:50], -np.ones(50), "far"),
+                              "ood": (x_ood[50:], -np.ones(100), "far")})
+    info = json.loads((features / "info.json").read_text())
+    info["splits"]["ood_val"]["kind"] = "ood_val"
+    info["classes"] = [f"c{i}" for i in range(4)]
+    (features / "info.json").write_text(json.dumps(info))
+    params = merged(load("params.yaml"), {"train": {"variants": ["linear"], "seeds": [1, 2], "epochs": 3},
+                                          "evaluate": {"variants": ["linear"], "scores": ["energy"],
+                                                       "default_score": "energy", "selection": ["far.auroc"]}})
+    train.run(params, features, tmp_path / "models")
+    runs = [tmp_path / "models" / "linear" / p for p in (".", "seeds/1", "seeds/2")]
+    weights = [(r / "model.safetensors").read_bytes() for r in runs]
+    assert len(set(weights)) == 3  # three seeds, three models
+    evaluate.run(params, features, tmp_path / "models", tmp_path / "reports")
+    seeds = json.loads((tmp_path / "reports" / "seeds.json").read_text())["linear"]
+    assert list(seeds["seeds"]) == ["base", "1", "2"] and seeds["score"] == "energy"
+    values = [r["far.auroc"] for r in seeds["seeds"].values()]
+    assert seeds["mean"]["far.auroc"] == pytest.approx(np.mean(values))
+    assert seeds["sd"]["far.auroc"] == pytest.approx(np.std(values, ddof=1))
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert seeds["seeds"]["base"]["far.auroc"] == metrics["linear"]["energy"]["far"]["auroc"]
+    assert "## Seeds" in (tmp_path / "reports" / "results.md").read_text()
+    with pytest.raises(ParamError, match="repeats base.seed 0"):
+        train.run(merged(params, {"train": {"seeds": [0]}}), features, tmp_path / "again")

@@ -310,7 +310,8 @@ def test_prepare_reads_fashion_mnist_and_image_folders_from_s3(s3_env, tmp_path)
     upload(fashion, f"s3://{bucket}/raw/fashion-mnist")
     upload(tmp_path / "ds", f"s3://{bucket}/raw/ds")
     small = {"id": {"train_per_class": 10, "val_per_class": 5, "test_per_class": 5},
-             "ood": {"fmnist_near": {"count": 20}, "textures": {"count": 3, "crop_size": 32}}}
+             "ood": {"fmnist_near": {"count": 20}, "textures": {"count": 3, "crop_size": 32}},
+             "ood_split": {"val_fraction": 0, "seed": 0}}  # every folder image in one split
     local = merged(load(ROOT / "params.yaml"), {
         "base": {"seed": 3}, "prepare": {**small, "fashion_mnist_dir": fashion},
         "evaluate": {"extra_ood": {"folder": {"path": str(tmp_path / "ds" / "test"), "group": "far"}}}})

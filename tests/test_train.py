@@ -15,10 +15,13 @@ def features(tmp_path_factory, synthetic_features):
     return synthetic_features(tmp_path_factory.mktemp("features"))
 
 
+POOLED = [v for v, spec in heads.VARIANTS.items() if not spec.trunk]  # the heads on pooled features
+
+
 @pytest.fixture(scope="module")
 def trained(features, tmp_path_factory, train_params):
     models = tmp_path_factory.mktemp("run") / "models"
-    summary = train.run(train_params(), features, models)
+    summary = train.run(train_params(variants=POOLED), features, models)
     return models, summary
 
 
@@ -35,9 +38,9 @@ def history(path: Path) -> list[dict]:
 def test_every_variant_writes_its_files_and_loads_back(features, trained):
     models, summary = trained
     x, y = val_data(features)
-    assert sorted(summary) == sorted(heads.VARIANTS)
+    assert sorted(summary) == sorted(POOLED)
     assert json.loads((models / "metrics.json").read_text()) == summary
-    for variant in heads.VARIANTS:
+    for variant in POOLED:
         folder = models / variant
         assert sorted(p.name for p in folder.iterdir()) == ["config.json", "history.csv", "model.safetensors"]
         model, cfg = heads.load_model(folder)
@@ -244,3 +247,92 @@ def test_a_registered_expert_kind_trains_a_mofe_and_loads_back(features, tmp_pat
     assert accuracy == cfg["val_accuracy"] and accuracy > 0.5  # 6 classes: chance is 1/6
     w = [e.fc.weight for e in model.experts]
     assert not torch.equal(w[0], w[1]) and not torch.equal(w[1], w[2])  # each expert trained on its own group
+
+
+# ---------------------------------------------------------------- block experts on the cached trunk
+
+@pytest.fixture(scope="module")
+def trunk_run(tmp_path_factory, prepared_images, train_params):
+    """A real extract (EfficientNet-Lite0, random weights, 32 px, trunk cached) of 4 tiny classes,
+    then the trunk variants trained on it: the paper's three phases on cached activations."""
+    from mofe_ood import extract
+
+    root = tmp_path_factory.mktemp("trunk")
+    params = train_params(variants=["top", "mofe_block_dynmix"], batch_size=16, mofe={"num_experts": 2},
+                          top={"epochs": 2, "expert_epochs": 1, "router_epochs": 1, "lr": 1e-3})
+    params["extract"].update(weights="random", image_size=32, batch_size=16, top_blocks=1)
+    data = prepared_images(root / "prepared")
+    extract.run(params, data, root / "features")
+    summary = train.run(params, root / "features", root / "models", data)
+    return root, params, summary
+
+
+def test_trunk_variants_train_the_three_phases_on_cached_activations(trunk_run):
+    from mofe_ood.splits import load_features, load_split, load_trunk
+
+    root, params, summary = trunk_run
+    info = json.loads((root / "features" / "info.json").read_text())
+    assert info["trunk"] == {"top_blocks": 1, "shape": [192, 1, 1], "dtype": "float16"}
+    assert load_trunk(root / "features", "train").dtype == np.float16
+    phases = [r["phase"] for r in history(root / "models" / "mofe_block_dynmix" / "history.csv")]
+    assert phases == ["base", "base", "expert0", "expert1", "router"]
+    assert [r["phase"] for r in history(root / "models" / "top" / "history.csv")] == ["base", "base"]
+    assert set(summary) == {"top", "mofe_block_dynmix"}
+    # An image model: the frozen trunk + the trained experts, its routed features in features/.
+    model, cfg = heads.load_finetuned(root / "models" / "mofe_block_dynmix")
+    assert cfg["finetuned"]["mofe"]["top_blocks"] == 1 and len(model.mofe.experts) == 2
+    assert cfg["finetuned"]["mofe"]["router_dim"] == 192
+    frozen = heads.frozen_backbone("tf_efficientnet_lite0", "random", 32, params["base"]["seed"])
+    for k, v in frozen.state_dict().items():  # the trunk stays the frozen backbone's
+        torch.testing.assert_close(model.backbone.state_dict()[k], v)
+    experts = [e.state_dict() for e in model.mofe.experts]
+    assert any(not torch.equal(experts[0][k], experts[1][k]) for k in experts[0])  # trained apart
+    from mofe_ood.backbones import image_batch, preprocess_config
+
+    images = load_split(root / "prepared", "ood")
+    with torch.inference_mode():
+        served = model(image_batch(images, 0, len(images), preprocess_config(model.backbone, 32)))["feature"]
+    cached, _ = load_features(root / "models" / "mofe_block_dynmix" / "features", "ood")
+    # features/ come from the float16 cache of the folded backbone: equal up to that rounding
+    np.testing.assert_allclose(served.numpy(), cached, rtol=0, atol=2e-3 * np.abs(cached).max())
+    head, _ = heads.load_model(root / "models" / "mofe_block_dynmix")
+    assert head(torch.from_numpy(cached))["logits"].shape == (len(cached), 4)
+
+
+def test_trunk_variants_need_the_cached_trunk(tmp_path, prepared_images, train_params):
+    from mofe_ood import extract
+
+    params = train_params(variants=["top"])
+    params["extract"].update(weights="random", image_size=32, top_blocks=0)
+    data = prepared_images(tmp_path / "prepared")
+    extract.run(params, data, tmp_path / "features")
+    with pytest.raises(ParamError, match="extract.top_blocks >= 1"):
+        train.run(params, tmp_path / "features", tmp_path / "models", data)
+
+
+def test_a_trunk_variant_is_served_through_its_image_model(trunk_run, tmp_path):
+    """bundle/detector load a trunk variant as a fine-tuned one (torch runtime): images -> the
+    frozen trunk -> the routed expert -> the head; the KNN score evaluate computes, to the
+    float16 cache's rounding, and the same numbers after a bundle round trip."""
+    from mofe_ood import scores
+    from mofe_ood.serving import bundle
+    from mofe_ood.splits import load_features, load_split
+
+    root, params, _ = trunk_run
+    variant, models = "mofe_block_dynmix", root / "models"
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "thresholds.json").write_text(json.dumps(
+        {variant: {"score": "knn", "hyper": {"k": 3}, "tpr": 0.95, "threshold": -0.5}}))
+    detector = bundle.from_pipeline(variant, models, root / "features", tmp_path / "reports", params)
+    assert detector.finetuned
+    images = load_split(root / "prepared", "ood").images
+    got = detector.predict(images)
+    head, _ = heads.load_model(models / variant)
+    with torch.inference_mode():
+        train_out, ood_out = (head(torch.from_numpy(load_features(models / variant / "features", s)[0]))
+                              for s in ("train", "ood"))
+    knn = scores.make_score("knn", k=3).fit(train_out["feature"].numpy(), None)
+    np.testing.assert_allclose(got.ood_score, knn.score(ood_out["feature"].numpy()), atol=2e-3)
+    loaded = bundle.load(bundle.save(detector, tmp_path / "bundle", runtime="onnxruntime"))
+    assert loaded.session is None  # an image model runs on torch, whatever serve.runtime says
+    np.testing.assert_array_equal(loaded.predict(images).ood_score, got.ood_score)

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from mofe_ood.backbones import image_batch
-from mofe_ood.splits import DataError, Images, load_features, load_split
+from mofe_ood.splits import DataError, Images, load_features, load_split, load_trunk
 
-__all__ = ["Data", "Images", "load_data", "load_split", "images_on"]
+__all__ = ["Data", "Images", "load_data", "load_trunk_data", "load_split", "images_on"]
 
 
 @dataclass
@@ -61,6 +61,18 @@ def load_data(features_dir: str | Path) -> Data:
     if missing:
         raise DataError(f"classes {missing} have no training samples in {features_dir}/train.npz")
     return Data(*arrays["train"], *arrays["val"], list(info["classes"]))
+
+
+def load_trunk_data(features_dir: str | Path, data: Data) -> Data:
+    """`data` with the cached trunk activations (float32) in place of the pooled features."""
+    features_dir = Path(features_dir)
+    x = {}
+    for split, labels in (("train", data.y_train), ("val", data.y_val)):
+        trunk = load_trunk(features_dir, split)
+        if len(trunk) != len(labels):
+            raise DataError(f"{features_dir}/{split}.npz: {len(trunk)} trunk rows for {len(labels)} labels")
+        x[split] = torch.from_numpy(trunk.astype(np.float32))
+    return Data(x["train"], data.y_train, x["val"], data.y_val, data.classes)
 
 
 def images_on(images: Images, rows, prep, device: torch.device) -> torch.Tensor:

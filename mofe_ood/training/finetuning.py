@@ -43,8 +43,7 @@ from mofe_ood.mixup import soft_targets
 from mofe_ood.params import ParamError
 from mofe_ood.training import phases
 from mofe_ood.training.data import Images, images_on, load_split
-from mofe_ood.training.heads import FinetunedMoFE, make_mixup, save_weights, write_config
-from mofe_ood.training.history import write_history
+from mofe_ood.training.heads import FinetunedMoFE, make_mixup, save_image_model
 from mofe_ood.training.loop import Loop, Step, batches, decay_groups, fit, per_class_accuracy, phased_steps, seed_of
 from mofe_ood.training.settings import FinetuneConfig, TrainConfig, finetune_config, train_config
 
@@ -235,37 +234,15 @@ def run(params: dict, prepared_dir: str | Path, models_dir: str | Path) -> dict:
 
 def _write(out: Path, model: FinetunedMoFE, prepared_dir: Path, manifest: dict, prep, device,
            cfg: FinetuneConfig, spec: dict, history: list[dict]) -> None:
-    name, size, classes = spec["backbone"], spec["image_size"], list(manifest["classes"])
-    with replacing(out) as tmp:
-        (tmp / "features").mkdir()
-        model = model.float()
-        save_weights(tmp / "backbone.safetensors", model.backbone)
-        save_weights(tmp / "mofe.safetensors", model.mofe)
-        dim = int(model.backbone.num_features)
+    def split_features():
         for split in manifest["splits"]:
             images = load_split(prepared_dir, split)
             _, feats = predict(model, images, prep, device, cfg, features=True)
-            np.savez(tmp / "features" / f"{split}.npz", features=feats.numpy().astype(np.float32),
-                     labels=images.labels.astype(np.int64))
-        info = {"backbone": name, "weights": "finetuned", "image_size": size, "feature_dim": dim, "classes": classes,
-                "splits": {k: {"kind": s["kind"], "group": s["group"], "count": s["count"]}
-                           for k, s in manifest["splits"].items()}}
-        (tmp / "features" / "info.json").write_text(json.dumps(info, indent=2) + "\n")
-        head = mofe_mod.LinearProbe(dim, len(classes))
-        head.classifier.load_state_dict(model.mofe.classifier.state_dict())
-        save_weights(tmp / "model.safetensors", head)
-        mofe_arch = {"kind": "mofe", "dim": dim, "num_classes": len(classes), "expert": EXPERT,
-                     "hidden_features": None, "drop": 0.0, "router": model.mofe.router.mode,
-                     "top_k": model.mofe.router.top_k, "stem_blocks": 0,
-                     "groups": [int(g) for g in model.mofe.groups], "backbone": name, "image_size": size,
-                     "backbone_kwargs": cfg.backbone_kwargs}
-        write_config(tmp, {
-            "variant": cfg.variant, "architecture": {"kind": "linear", "dim": dim, "num_classes": len(classes)},
-            "finetuned": {"backbone": name, "image_size": size, "backbone_kwargs": cfg.backbone_kwargs,
-                          "mean": list(prep.mean), "std": list(prep.std),
-                          "mofe": mofe_arch, "input": "features/ holds this model's routed features"},
-            "classes": classes, "groups": mofe_arch["groups"],
-            "features": {"backbone": name, "weights": spec["weights"], "image_size": size, "feature_dim": dim},
-            "params": {"seed": spec["seed"], "finetune": as_dict(cfg), "train": spec["shared"]},
-            "val_accuracy": history[-1]["val_accuracy"] if history else None})
-        write_history(tmp / "history.csv", history)
+            yield split, feats.numpy(), images.labels
+
+    with replacing(out) as tmp:
+        model = model.float()
+        save_image_model(tmp, cfg.variant, model, split_features(), manifest["splits"], list(manifest["classes"]),
+                         {"backbone": spec["backbone"], "weights": spec["weights"], "image_size": spec["image_size"],
+                          "mean": prep.mean, "std": prep.std, "backbone_kwargs": cfg.backbone_kwargs},
+                         {"seed": spec["seed"], "finetune": as_dict(cfg), "train": spec["shared"]}, history)

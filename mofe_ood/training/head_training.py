@@ -20,25 +20,30 @@ from mofe_ood.config import as_dict
 from mofe_ood.mixup import DynamicBetaMixup, soft_targets
 from mofe_ood.training import distributed, phases
 from mofe_ood.training.data import Data
-from mofe_ood.training.heads import VARIANTS, architecture, build_model, make_mixup
+from mofe_ood.training.heads import VARIANTS, architecture, block_architecture, build_model, make_mixup
 from mofe_ood.training.loop import (Loop, Step, batches, decay_groups, fit, per_class_accuracy, phased_steps,
                                     seed_of)
 from mofe_ood.training.settings import TrainConfig
 
 # What the weights do not depend on (a checkpoint of a run differing only in these is resumed).
-NOT_IN_FINGERPRINT = ("variants", "checkpoint_dir", "num_threads", "gpus", "processes")
+NOT_IN_FINGERPRINT = ("variants", "seeds", "checkpoint_dir", "num_threads", "gpus", "processes")
 
 
 def schedule(variant: str, cfg: TrainConfig) -> list[Step]:
-    if VARIANTS[variant].kind != "mofe":
+    spec = VARIANTS[variant]
+    if spec.kind != "mofe":
         return [Step("head", cfg.epochs)]
+    epochs, expert_epochs, router_epochs = ((cfg.top.epochs, cfg.top.expert_epochs, cfg.top.router_epochs)
+                                            if spec.trunk else (cfg.epochs, cfg.expert_epochs, cfg.router_epochs))
+    if not spec.experts:  # the fine-tuned top alone: phase 1, one expert
+        return [Step("base", epochs)]
     if cfg.mofe.training == "joint":
-        return [Step("joint", cfg.epochs)]
-    return phased_steps(cfg.epochs, cfg.expert_epochs, cfg.router_epochs, cfg.mofe.num_experts)
+        return [Step("joint", epochs)]
+    return phased_steps(epochs, expert_epochs, router_epochs, cfg.mofe.num_experts)
 
 
 def class_groups(data: Data, cfg: TrainConfig, seed: int) -> np.ndarray:
-    """class -> expert group from the class-mean features (or `train.mofe.group_table`)."""
+    """class -> expert group from the class-mean pooled features (or `train.mofe.group_table`)."""
     x, y = data.x_train, data.y_train
     means = np.stack([x[y == c].double().mean(0).numpy() for c in range(data.num_classes)])
     return mofe_mod.class_groups(means, cfg.mofe.num_experts, cfg.mofe.groups, cfg.mofe.group_table, seed=seed)
@@ -46,8 +51,9 @@ def class_groups(data: Data, cfg: TrainConfig, seed: int) -> np.ndarray:
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, step: Step | None = None, labels: torch.Tensor | None = None,
-            batch_size: int = 4096) -> torch.Tensor:
-    """Class logits; during phase 1 through expert 0, during phase 2 routed by the true `labels`."""
+            batch_size: int = 1024) -> torch.Tensor:
+    """Class logits; during phase 1 through expert 0, during phase 2 routed by the true `labels`.
+    (1,024 rows a batch: a CNN top's activations on 4,096 trunk maps would take a GB.)"""
     model.eval()
     device = next(model.parameters()).device
     out = []
@@ -83,7 +89,9 @@ class HeadTask:
         return decay_groups(params, self.cfg.weight_decay)
 
     def base_lr(self, step: Step) -> float:
-        return self.cfg.linear_lr if VARIANTS[self.variant].linear or step.phase == "router" else self.cfg.lr
+        if VARIANTS[self.variant].linear or step.phase == "router":
+            return self.cfg.linear_lr
+        return self.cfg.top.lr if VARIANTS[self.variant].trunk else self.cfg.lr
 
     def batches(self, step: Step, gen: torch.Generator) -> list[tuple]:
         return batches(step, self.data.y_train, self.groups, self.cfg.batch_size, gen)
@@ -135,15 +143,37 @@ class HeadTask:
 
 
 def train_variant(variant: str, cfg: TrainConfig, data: Data, seed: int, ckpt_dir=None,
-                  world: distributed.World | None = None) -> tuple[nn.Module, dict, list[dict]]:
+                  world: distributed.World | None = None, trunk: Data | None = None,
+                  backbone: nn.Module | None = None, backbone_spec: dict | None = None,
+                  ) -> tuple[nn.Module, dict, list[dict]]:
     """Train `variant` (data-parallel: this rank's part); -> (model in eval mode on the CPU, its
-    architecture, history rows)."""
+    architecture, history rows).
+
+    A trunk variant (`top`, `mofe_block*`) trains on `trunk` (the cached activations entering
+    the backbone's top, same rows as `data`), its experts copied from `backbone`'s top
+    (`backbone_spec`: name, image_size, top_blocks); its groups come from `data`'s pooled features.
+    """
     world = world or distributed.World()
+    spec = VARIANTS[variant]
     num_classes, dim = data.num_classes, data.x_train.shape[1]
-    groups = class_groups(data, cfg, seed) if VARIANTS[variant].kind == "mofe" else None
-    arch = architecture(variant, cfg, dim, num_classes, groups)
-    torch.manual_seed(seed_of(seed, "init", arch["kind"]))
-    model = build_model(arch).to(world.device)
+    groups = class_groups(data, cfg, seed) if spec.kind == "mofe" and spec.experts else None
+    if spec.trunk:
+        if trunk is None or backbone is None:
+            raise ValueError(f"variant {variant!r} trains on the cached trunk: pass `trunk` and `backbone`")
+        if groups is None:  # the top alone: one expert that every class goes to
+            groups = np.zeros(num_classes, np.int64)
+        torch.manual_seed(seed_of(seed, "init", variant))
+        model = mofe_mod.MoFE(int(backbone.num_features), num_classes, groups, expert="block",
+                              router="hard" if not spec.experts else cfg.mofe.router,
+                              top_k=1 if not spec.experts else cfg.mofe.top_k, init_from=backbone,
+                              router_dim=int(trunk.x_train.shape[1]), top_blocks=backbone_spec["top_blocks"])
+        arch = block_architecture(model, backbone_spec["backbone"], backbone_spec["image_size"], {})
+        model = model.to(world.device)
+        data = trunk
+    else:
+        arch = architecture(variant, cfg, dim, num_classes, groups)
+        torch.manual_seed(seed_of(seed, "init", arch["kind"]))
+        model = build_model(arch).to(world.device)
     if world.distributed:
         distributed.use_global_batch_dropout(model)
     counts = np.bincount(data.y_train.numpy(), minlength=num_classes)

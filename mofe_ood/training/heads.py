@@ -27,10 +27,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mofe_ood import mofe as mofe_mod
-from mofe_ood.backbones import create_backbone
+from mofe_ood.backbones import create_backbone, trunk_of
 from mofe_ood.mixup import DynamicBetaMixup, Mixup
 from mofe_ood.params import ParamError
 from mofe_ood.splits import DataError, load_features
+from mofe_ood.training.history import write_history
 from mofe_ood.training.settings import HEAD_VARIANTS, DynmixConfig, finetune_config, train_config
 
 FORMAT = "mofe-ood-head/1"
@@ -44,10 +45,15 @@ class Variant:
     kind: str
     mixup: str
     linear: bool  # a linear layer trained alone: `train.linear_lr`, plain cross-entropy without mixup
+    trunk: bool = False    # reads the cached trunk activations (block experts, `train.top`), not pooled features
+    experts: bool = True   # False: phase 1 only, one expert (the fine-tuned top alone, the ablation's)
 
 
 VARIANTS = {"linear": Variant("linear", "none", linear=True), "mlp": Variant("mlp", "plain", linear=False),
-            "mofe": Variant("mofe", "plain", linear=False), "mofe_dynmix": Variant("mofe", "dynamic", linear=False)}
+            "mofe": Variant("mofe", "plain", linear=False), "mofe_dynmix": Variant("mofe", "dynamic", linear=False),
+            "top": Variant("mofe", "plain", linear=False, trunk=True, experts=False),
+            "mofe_block": Variant("mofe", "plain", linear=False, trunk=True),
+            "mofe_block_dynmix": Variant("mofe", "dynamic", linear=False, trunk=True)}
 assert tuple(VARIANTS) == HEAD_VARIANTS  # settings validates train.variants against these names
 
 
@@ -105,7 +111,18 @@ def _mofe(arch: dict, init_from: nn.Module | None) -> nn.Module:
                                     **arch.get("backbone_kwargs", {}))
     return mofe_mod.MoFE(arch["dim"], arch["num_classes"], arch["groups"], expert=arch["expert"],
                          hidden_features=arch["hidden_features"], drop=arch["drop"], router=arch["router"],
-                         top_k=arch["top_k"], stem_blocks=arch.get("stem_blocks", 0), init_from=init_from)
+                         top_k=arch["top_k"], stem_blocks=arch.get("stem_blocks", 0), init_from=init_from,
+                         router_dim=arch.get("router_dim"), top_blocks=arch.get("top_blocks", 1))
+
+
+def block_architecture(mofe: mofe_mod.MoFE, backbone: str, image_size: int, backbone_kwargs: dict) -> dict:
+    """config.json's `architecture` of a MoFE whose experts copy `backbone`'s top (what `_mofe` rebuilds)."""
+    expert = mofe.experts[0]
+    return {"kind": "mofe", "dim": mofe.dim, "num_classes": mofe.num_classes, "expert": "block",
+            "hidden_features": None, "drop": 0.0, "router": mofe.router.mode, "top_k": mofe.router.top_k,
+            "stem_blocks": 0, "groups": [int(g) for g in mofe.groups], "backbone": backbone,
+            "image_size": image_size, "backbone_kwargs": backbone_kwargs,
+            "router_dim": mofe.router.fc.in_features, "top_blocks": expert.top_blocks}
 
 
 ARCHITECTURES = {"linear": _linear, "mlp": _mlp, "mofe": _mofe}
@@ -141,20 +158,68 @@ def load_model(model_dir: str | Path) -> tuple[nn.Module, dict]:
 
 
 class FinetunedMoFE(nn.Module):
-    """Images -> the ViT trunk (all blocks but the last) -> MoFE with token-reading (block) experts."""
+    """Images -> the backbone's trunk (all but its top) -> MoFE with block experts (copies of the top).
+
+    A fine-tuned ViT (training/finetuning.py), or the frozen backbone whose top the `top` /
+    `mofe_block*` variants trained on cached trunk activations (training/head_training.py).
+    """
 
     def __init__(self, backbone: nn.Module, mofe: mofe_mod.MoFE):
         super().__init__()
         self.backbone, self.mofe = backbone, mofe
 
     def tokens(self, images):
-        return mofe_mod.tokens_before_last_block(self.backbone, images)
+        """The trunk's activations (ViT tokens, CNN maps): what the experts and the router read."""
+        return trunk_of(self.backbone, images, self.mofe.experts[0].top_blocks)
 
     def forward(self, images):
         return self.mofe(self.tokens(images))
 
     def classifier_weights(self):
         return self.mofe.classifier_weights()
+
+
+def frozen_backbone(name: str, weights: str, image_size: int, seed: int) -> nn.Module:
+    """The backbone extract ran (random weights, tests only: the same draw as extract's, seeded by base.seed)."""
+    if weights == "random":
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return create_backbone(name, "random", image_size, num_classes=0)
+    return create_backbone(name, weights, image_size, num_classes=0)
+
+
+def save_image_model(out: Path, variant: str, model: FinetunedMoFE, split_features, splits: dict,
+                     classes: list[str], spec: dict, params: dict, history: list[dict]) -> None:
+    """Write an image model into the empty folder `out` (the layout finetuning.py's docstring gives).
+
+    `split_features`: (split, routed features, labels) of every split; `splits`: info.json's
+    split entries; `spec`: backbone, weights, image_size, mean, std, backbone_kwargs.
+    """
+    (out / "features").mkdir()
+    model = model.float()
+    save_weights(out / "backbone.safetensors", model.backbone)
+    save_weights(out / "mofe.safetensors", model.mofe)
+    dim = int(model.mofe.dim)
+    for split, feats, labels in split_features:
+        np.savez(out / "features" / f"{split}.npz", features=np.asarray(feats, np.float32),
+                 labels=np.asarray(labels, np.int64))
+    name, size = spec["backbone"], spec["image_size"]
+    info = {"backbone": name, "weights": "finetuned", "image_size": size, "feature_dim": dim, "classes": classes,
+            "splits": {k: {"kind": s["kind"], "group": s["group"], "count": s["count"]} for k, s in splits.items()}}
+    (out / "features" / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+    head = mofe_mod.LinearProbe(dim, len(classes))
+    head.classifier.load_state_dict(model.mofe.classifier.state_dict())
+    save_weights(out / "model.safetensors", head)
+    mofe_arch = block_architecture(model.mofe, name, size, spec.get("backbone_kwargs") or {})
+    write_config(out, {
+        "variant": variant, "architecture": {"kind": "linear", "dim": dim, "num_classes": len(classes)},
+        "finetuned": {"backbone": name, "image_size": size, "backbone_kwargs": mofe_arch["backbone_kwargs"],
+                      "mean": list(spec["mean"]), "std": list(spec["std"]),
+                      "mofe": mofe_arch, "input": "features/ holds this model's routed features"},
+        "classes": classes, "groups": mofe_arch["groups"],
+        "features": {"backbone": name, "weights": spec["weights"], "image_size": size, "feature_dim": dim},
+        "params": params, "val_accuracy": history[-1]["val_accuracy"] if history else None})
+    write_history(out / "history.csv", history)
 
 
 def load_finetuned(model_dir: str | Path) -> tuple[FinetunedMoFE, dict]:

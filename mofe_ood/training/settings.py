@@ -15,7 +15,9 @@ from mofe_ood.backbones import torch_device
 from mofe_ood.config import section
 from mofe_ood.params import ParamError, check_choice, check_number
 
-HEAD_VARIANTS = ("linear", "mlp", "mofe", "mofe_dynmix")  # heads.VARIANTS holds what each one is
+# heads.VARIANTS holds what each one is
+HEAD_VARIANTS = ("linear", "mlp", "mofe", "mofe_dynmix", "top", "mofe_block", "mofe_block_dynmix")
+TRUNK_VARIANTS = ("top", "mofe_block", "mofe_block_dynmix")  # read the cached trunk (extract.top_blocks)
 
 
 def _positive(name: str, value) -> None:
@@ -90,6 +92,21 @@ class DynmixConfig:
 
 
 @dataclass(frozen=True)
+class TopConfig:
+    """`train.top`: the backbone's top trained on cached trunk activations (`top`, `mofe_block*`)."""
+
+    epochs: int          # phase 1: the top + the shared classifier
+    expert_epochs: int   # phase 2, per expert
+    router_epochs: int   # phase 3
+    lr: float            # AdamW peak lr of phases 1 and 2 (the router: train.linear_lr)
+
+    def __post_init__(self):
+        for key in ("epochs", "expert_epochs", "router_epochs"):
+            check_number(f"train.top.{key}", getattr(self, key), low=1, integer=True)
+        _positive("train.top.lr", self.lr)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """`train`: heads on the cached features (params.yaml documents every key)."""
 
@@ -109,6 +126,8 @@ class TrainConfig:
     mixup_alpha: float     # plain mixup of `mlp` and `mofe` (0 = off)
     mofe: MofeConfig
     dynmix: DynmixConfig
+    top: TopConfig
+    seeds: list            # more seeds than base.seed: each variant again per seed, under <variant>/seeds/<seed>/
     checkpoint_dir: str | None
     num_threads: int | None
     gpus: int
@@ -122,6 +141,10 @@ class TrainConfig:
             check_choice("train.variants", v, HEAD_VARIANTS)
         if len(set(variants)) != len(variants):
             raise ParamError(f"train.variants: {variants!r} lists a variant twice")
+        if not isinstance(self.seeds, list) or len(set(self.seeds)) != len(self.seeds):
+            raise ParamError(f"train.seeds: {self.seeds!r} must be a list of distinct seeds ([] for none)")
+        for s in self.seeds:
+            check_number("train.seeds", s, low=0, integer=True)
         for key in ("epochs", "expert_epochs", "router_epochs", "batch_size", "hidden_features"):
             check_number(f"train.{key}", getattr(self, key), low=1, integer=True)
         _positive("train.lr", self.lr)
@@ -137,10 +160,11 @@ class TrainConfig:
         check_number("train.processes", self.processes, low=1, integer=True, allow_none=True)
         if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
             raise ParamError(f"train.checkpoint_dir: {self.checkpoint_dir!r} is not a path or null")
-        if mofe_mod.EXPERTS[self.mofe.expert].reads_tokens and any(v.startswith("mofe") for v in variants):
+        if mofe_mod.EXPERTS[self.mofe.expert].reads_tokens and any(v in ("mofe", "mofe_dynmix") for v in variants):
             pooled = ", ".join(k for k, e in mofe_mod.EXPERTS.items() if not e.reads_tokens)
-            raise ParamError(f"train.mofe.expert: {self.mofe.expert!r} experts read ViT tokens and need images "
-                             f"(finetune.enabled); the train stage on cached features needs one of: {pooled}")
+            raise ParamError(f"train.mofe.expert: {self.mofe.expert!r} experts read the trunk, not the pooled "
+                             f"features of the mofe / mofe_dynmix variants; use one of: {pooled} (block experts "
+                             f"on the cached trunk are the variants {', '.join(TRUNK_VARIANTS)})")
 
 
 @dataclass(frozen=True)
