@@ -80,7 +80,7 @@ def evaluate_variant(variant: str, outputs: dict[str, Outputs], head, ood_sets: 
     val_groups = {name: ood_sets[of] for name, of in val_sets.items()}
     calibration = {}
     for name in applicable(cfg.scores, test.logits is not None):
-        candidates = cfg.candidates(name)
+        candidates = tuning.fitting(name, cfg.candidates(name), len(train.features))  # K <= the bank
 
         def fitted(hyper, name=name):
             return scores.make_score(name, **hyper).fit(train.features, train.labels, train.logits, head)

@@ -185,7 +185,11 @@ def merge_shards(shard_dirs: list[str | Path], out_dir: str | Path) -> dict:
             arrays = {"features": np.concatenate([f for f, _ in parts]),
                       "labels": np.concatenate([labels for _, labels in parts])}
             if merged.get("trunk"):
-                arrays["trunk"] = np.concatenate([load_trunk(d, name) for d, _ in shards])
+                # A shard with no rows of this split stores its trunk as shape (0,): it has no
+                # activations to take the shape from, so only the non-empty parts are joined.
+                trunks = [load_trunk(d, name) for (d, _), (start, stop) in zip(shards, rows, strict=True)
+                          if stop > start]
+                arrays["trunk"] = np.concatenate(trunks) if trunks else load_trunk(shards[0][0], name)
             np.savez(tmp / f"{name}.npz", **arrays)
         (tmp / "info.json").write_text(json.dumps(merged, indent=2) + "\n")
     return merged

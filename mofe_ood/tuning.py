@@ -61,6 +61,16 @@ def objective(result: Mapping, selection: list[str]) -> float:
     return float(np.mean(values))
 
 
+def fitting(name: str, candidates: list[dict], bank_size: int) -> list[dict]:
+    """The candidates of score `name` that a bank of `bank_size` train samples can hold (KNN's K
+    at most the bank); a ParamError when none can."""
+    cls = score_class(name)
+    fit = [c for c in candidates if cls.hyper_for_bank(dict(c), 1.0, bank_size) == dict(c)]
+    if not fit:
+        raise ParamError(f"select_hyper({name!r}): no candidate fits {bank_size} train samples: {candidates}")
+    return fit
+
+
 def select_on_val(candidates: list[dict], val_result, selection: list[str]) -> tuple[dict, list[dict]]:
     """The candidate whose `val_result(candidate)` has the best `objective` (ties: the earlier one);
     -> (best, table of {hyper, selection})."""
@@ -121,9 +131,8 @@ def select_hyper(name: str, candidates: list[dict], train_features, train_labels
 
     # A candidate the full train set cannot hold (KNN's K above the bank size) is left out.
     table = [{"hyper": dict(c), "auroc": None, "fold_auroc": []} for c in candidates]
-    rows = [row for row in table if cls.hyper_for_bank(row["hyper"], 1.0, len(train_y)) == row["hyper"]]
-    if not rows:
-        raise ParamError(f"select_hyper({name!r}): no candidate fits {len(train_y)} train samples: {candidates}")
+    fit = fitting(name, candidates, len(train_y))
+    rows = [row for row in table if row["hyper"] in fit]
     for held_out in class_folds(train_y, folds, seed):
         kept_train, kept_val = ~np.isin(train_y, held_out), ~np.isin(val_y, held_out)
         if kept_val.all() or not kept_val.any():

@@ -108,7 +108,8 @@ def time_extract(name: str, image_size: int, batch_size: int, steps: int, warmup
     from mofe_ood.extract import Extract, backbone
 
     model, _ = backbone(Extract(backbone=MODELS.get(name, name), weights="random", image_size=image_size,
-                                batch_size=batch_size, num_threads=None, shards=1, device="auto", gpus=0))
+                                batch_size=batch_size, num_threads=None, shards=1, device="auto", gpus=0,
+                                top_blocks=0))
     device = next(model.parameters()).device
     x = torch.randn(batch_size, 3, image_size, image_size).to(device)
     seconds, _, peak = _timed(torch.inference_mode()(lambda: pooled_features(model, x)), steps, warmup, device)

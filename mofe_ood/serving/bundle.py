@@ -85,8 +85,15 @@ def from_pipeline(variant: str, models_dir: str | Path = "models",
     if variant not in thresholds:
         raise ValueError(f"{thresholds_path} has no threshold for variant {variant!r} "
                          f"(evaluated: {', '.join(thresholds) or 'none'})")
-    # The bank and the head exactly as evaluate computes them.
-    outputs, _ = variant_outputs(variant, bank_dir, models_dir, ["train"])
+    # The bank and the head as evaluate computes them, on one thread: a matmul's float bits change
+    # with torch's thread count, and the same inputs must give the same bundle (its content hash
+    # is how a re-registration is recognised), whatever the calling process set before.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        outputs, _ = variant_outputs(variant, bank_dir, models_dir, ["train"])
+    finally:
+        torch.set_num_threads(threads)
     train = outputs["train"]
     bank = {"features": np.ascontiguousarray(train.features, np.float32),
             "labels": np.ascontiguousarray(train.labels, np.int64)}
