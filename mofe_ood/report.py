@@ -55,14 +55,14 @@ def summary(all_metrics: dict, params: dict, reports_dir: str | Path = "reports"
     validation), on the test parts, in % (every score and OOD set: reports/results.md; every
     number: reports/metrics.json)."""
     thresholds = json.loads((Path(reports_dir) / "thresholds.json").read_text())
-    lines = [f"{'variant':<16} {'score':<15} {'ID acc':>6} {'near AUROC':>10} {'near FPR95':>10} "
+    lines = [f"{'variant':<18} {'score':<15} {'ID acc':>6} {'near AUROC':>10} {'near FPR95':>10} "
              f"{'far AUROC':>9} {'far FPR95':>9}"]
     for variant, entry in all_metrics.items():
         score = thresholds[variant]["score"]
         cells = [entry.get("id_accuracy"), *((entry[score].get(g) or {}).get(k)
                                              for g in GROUPS for k in ("auroc", "fpr95"))]
         text = [("-" if v is None else f"{100 * v:.1f}").rjust(w) for v, w in zip(cells, (6, 10, 10, 9, 9))]
-        lines.append(f"{variant:<16} {score:<15} " + " ".join(text))
+        lines.append(f"{variant:<18} {score:<15} " + " ".join(text))
     return "\n".join(lines + ["all scores and OOD sets: reports/results.md"])
 
 

@@ -271,7 +271,7 @@ def test_the_whole_pipeline_in_containers_matches_the_host_and_records_its_linea
     np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), atol=1e-6)
 
     registration = json.loads((run / "register" / "registration").read_text())
-    client = mlflow.MlflowClient(mlflow_server)
+    client = mlflow.MlflowClient(mlflow_server, mlflow_server)
     tags = client.get_run(registration["run_id"]).data.tags
     assert tags["image"].endswith(image)  # podman names it localhost/<image>
     assert tags["kfp_run_id"].startswith("local-")  # kfpipe.local.run's, given to the containers as env

@@ -65,7 +65,8 @@ def test_a_fresh_clone_of_a_committed_run_registers_a_champion_once(clone, tmp_p
     first = sh("dvc", "repro", cwd=fresh)
     assert "Running stage 'register'" in first
     name = yaml.safe_load((fresh / "params.yaml").read_text())["register"]["model_name"]
-    client = MlflowClient(f"sqlite:///{fresh / 'mlflow.db'}")
+    uri = f"sqlite:///{fresh / 'mlflow.db'}"
+    client = MlflowClient(uri, uri)  # the registry too: another test may have set mlflow's global one
     champion = client.get_registered_model(name).aliases["champion"]
     candidate = json.loads((fresh / "reports" / "candidate.json").read_text())
     tags = client.get_model_version(name, champion).tags
@@ -114,12 +115,14 @@ def test_an_experiment_registers_a_challenger_and_never_moves_champion(clone):
     from mlflow import MlflowClient
 
     sh("dvc", "repro", cwd=clone)
-    client = MlflowClient(f"sqlite:///{clone / 'mlflow.db'}")
+    uri = f"sqlite:///{clone / 'mlflow.db'}"
+    client = MlflowClient(uri, uri)  # the registry too: another test may have set mlflow's global one
     name = yaml.safe_load((clone / "params.yaml").read_text())["register"]["model_name"]
     champion = client.get_registered_model(name).aliases["champion"]
     versions = {v.version for v in client.search_model_versions(f"name = '{name}'")}
     # --temp: DVC runs the stages in a copy under .dvc/tmp; the registry stays the project's.
-    out = sh("dvc", "exp", "run", "--temp", "-S", "train.epochs=1", cwd=clone)
+    # Fewer epochs for every trained variant, so whichever `register.variant: auto` picks is new.
+    out = sh("dvc", "exp", "run", "--temp", "-S", "train.epochs=1", "-S", "train.top.epochs=1", cwd=clone)
     assert "Running stage 'train'" in out
     aliases = client.get_registered_model(name).aliases
     assert aliases["champion"] == champion

@@ -415,7 +415,13 @@ def test_local_run_shards_extraction_and_matches_unsharded_extract(local_run, tm
     assert str(features) in stdout  # the CLI says where the artifacts landed
     shards = sorted(run.glob("for-loop-*/extract-shard/features"))
     assert len(shards) == 2
-    extract.run(params, run / "prepare" / "prepared", tmp_path / "unsharded")
+    # In a process of its own, as each step ran: a convolution's float bits change with torch's
+    # thread count, which earlier tests of this process may have set.
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    subprocess.run([sys.executable, "-c", "import sys, yaml; from mofe_ood import extract; "
+                    "extract.run(yaml.safe_load(open(sys.argv[1])), sys.argv[2], sys.argv[3])",
+                    str(tmp_path / "params.yaml"), str(run / "prepare" / "prepared"), str(tmp_path / "unsharded")],
+                   check=True, cwd=Path(__file__).resolve().parents[1])
     info = json.loads((tmp_path / "unsharded" / "info.json").read_text())
     assert json.loads((features / "info.json").read_text()) == info
     for name in info["splits"]:
