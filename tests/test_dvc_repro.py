@@ -58,7 +58,7 @@ def test_a_fresh_clone_of_a_committed_run_registers_a_champion_once(clone, tmp_p
     from mlflow import MlflowClient
 
     sh("dvc", "repro", cwd=clone)
-    sh("git", "add", "dvc.lock", cwd=clone)
+    sh("git", "add", "dvc.lock", "reports/headline.json", cwd=clone)  # what a user commits after a run
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock", "--allow-empty", cwd=clone)
     fresh = tmp_path / "fresh"
     sh("git", "clone", "-q", str(clone), str(fresh), cwd=tmp_path)
