@@ -299,6 +299,33 @@ def test_trunk_variants_train_the_three_phases_on_cached_activations(trunk_run):
     assert head(torch.from_numpy(cached))["logits"].shape == (len(cached), 4)
 
 
+def test_a_vit_trunk_variant_routes_on_the_cls_token_width_not_the_token_count(train_params):
+    """A ViT's cached trunk is N x T x D: the router reads the CLS token (D wide). It used to be
+    built T wide (shape[1], right for a CNN's N x C x H x W only), so DINOv2 crashed in phase 1."""
+    from mofe_ood.backbones import create_backbone, pooled_features, trunk_of
+    from mofe_ood.training.data import Data
+    from mofe_ood.training.head_training import train_variant
+    from mofe_ood.training.settings import train_config
+
+    torch.manual_seed(0)
+    vit = create_backbone("vit_small_patch14_dinov2", "random", 28, num_classes=0, depth=2, embed_dim=32,
+                          num_heads=2).eval()
+    images, labels = torch.randn(16, 3, 28, 28), torch.arange(4).repeat(4)
+    with torch.no_grad():
+        tokens, pooled = trunk_of(vit, images, 1), pooled_features(vit, images)
+    assert tokens.shape == (16, 5, 32)  # 4 patches + CLS, 32 wide: T != D, as for every real ViT
+    classes = list("abcd")
+    cfg = train_config(train_params(mofe={"num_experts": 2}, top={"epochs": 1, "expert_epochs": 1,
+                                                                  "router_epochs": 1, "lr": 1e-3}))
+    model, arch, history = train_variant(
+        "mofe_block", cfg, Data(pooled, labels, pooled, labels, classes), 0,
+        trunk=Data(tokens, labels, tokens, labels, classes), backbone=vit,
+        backbone_spec={"backbone": "vit_small_patch14_dinov2", "image_size": 28, "top_blocks": 1})
+    assert model.router.fc.in_features == arch["router_dim"] == 32
+    assert [r["phase"] for r in history] == ["base", "expert0", "expert1", "router"]
+    assert model(tokens)["logits"].shape == (16, 4)
+
+
 def test_trunk_variants_need_the_cached_trunk(tmp_path, prepared_images, train_params):
     from mofe_ood import extract
 

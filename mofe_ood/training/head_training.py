@@ -163,10 +163,13 @@ def train_variant(variant: str, cfg: TrainConfig, data: Data, seed: int, ckpt_di
         if groups is None:  # the top alone: one expert that every class goes to
             groups = np.zeros(num_classes, np.int64)
         torch.manual_seed(seed_of(seed, "init", variant))
+        # What the router reads of the trunk: a CNN's channels (N x C x H x W), a ViT's token width
+        # (N x T x D), not its token count (shape[1] there: DINOv2 crashed on it).
+        router_dim = int(mofe_mod.router_input(trunk.x_train[:1]).shape[1])
         model = mofe_mod.MoFE(int(backbone.num_features), num_classes, groups, expert="block",
                               router="hard" if not spec.experts else cfg.mofe.router,
                               top_k=1 if not spec.experts else cfg.mofe.top_k, init_from=backbone,
-                              router_dim=int(trunk.x_train.shape[1]), top_blocks=backbone_spec["top_blocks"])
+                              router_dim=router_dim, top_blocks=backbone_spec["top_blocks"])
         arch = block_architecture(model, backbone_spec["backbone"], backbone_spec["image_size"], {})
         model = model.to(world.device)
         data = trunk
