@@ -247,15 +247,16 @@ def test_score_cli_errors(project, tmp_path, monkeypatch, capsys, tiny_variant):
 
 
 def test_a_finetuned_variant_predicts_through_its_own_image_model(tmp_path, finetune_params, prepared_images):
-    """finetune.py's variant: images -> its ViT + block-expert MoFE -> the routed feature -> head."""
+    """The fine-tuned variant: images -> its ViT + block-expert MoFE -> the routed feature -> head."""
     import torch
 
-    from mofe_ood import finetune, scores
+    from mofe_ood import scores
     from mofe_ood.splits import load_features
-    from mofe_ood.training.heads import load_model
+    from mofe_ood.training import finetuning
+    from mofe_ood.variants import load_head
 
     data, params, variant = prepared_images(tmp_path / "prepared"), finetune_params(), "mofe_finetune"
-    finetune.run(params, data, tmp_path / "models")
+    finetuning.run(params, data, tmp_path / "models")
     (tmp_path / "reports").mkdir()
     (tmp_path / "reports" / "thresholds.json").write_text(json.dumps(
         {variant: {"score": "knn", "hyper": {"k": 3}, "tpr": 0.95, "threshold": -0.5}}))
@@ -264,7 +265,7 @@ def test_a_finetuned_variant_predicts_through_its_own_image_model(tmp_path, fine
     images = load_split(data, "ood").images
     got = detector.predict(images)
     # What evaluate computes for it: the head on the variant's own features, KNN fitted on train.
-    head, _ = load_model(tmp_path / "models" / variant)
+    head, _ = load_head(tmp_path / "models" / variant)
     with torch.inference_mode():
         train, ood = (head(torch.from_numpy(load_features(tmp_path / "models" / variant / "features", s)[0]))
                       for s in ("train", "ood"))
