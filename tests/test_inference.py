@@ -192,16 +192,6 @@ def test_model_input_rows_fail_one_by_one_and_past_the_row_limit(project, detect
         rows_from_input({"img": [good]}, max_rows=5)
 
 
-def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(project, detector, tiny_images):
-    from concurrent.futures import ThreadPoolExecutor
-
-    images = tiny_images("test")[:16]
-    alone = detector.predict(images).ood_score
-    with ThreadPoolExecutor(8) as pool:
-        together = list(pool.map(lambda i: detector.predict(images[i:i + 1]).ood_score[0], range(16)))
-    np.testing.assert_allclose(together, alone, atol=1e-5)
-
-
 def test_score_cli_json_lines_give_evaluate_auroc(project, monkeypatch, capsys, tiny_variant):
     monkeypatch.chdir(project)
     assert cli.main(["score", "images/test", "images/fmnist_near", "--model", f"models/{tiny_variant}"]) == 0

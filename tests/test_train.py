@@ -184,17 +184,37 @@ def test_bad_params_fail_before_training_naming_the_param(features, tmp_path, mo
     assert not (tmp_path / "models").exists()
 
 
-@pytest.mark.parametrize("dynmix", [{"accuracy_from": "train"}, {"difficulty": "counts"},
-                                    {"alpha_min": 0.4, "alpha_max": 0.4}])
+@pytest.mark.parametrize("dynmix", [{"difficulty": "counts"}, {"alpha_min": 0.4, "alpha_max": 0.4}])
 def test_dynmix_options(features, tmp_path, dynmix, train_params):
     p = train_params(variants=["mofe_dynmix"], epochs=3, expert_epochs=1, router_epochs=1, dynmix=dynmix)
     train.run(p, features, tmp_path / "models")
     alphas = {tuple(float(r[f"alpha_{c}"]) for c in range(6))
               for r in history(tmp_path / "models" / "mofe_dynmix" / "history.csv")}
-    if "accuracy_from" in dynmix:
-        assert len(alphas) > 1
-    else:  # balanced counts -> every class at alpha_max, for good; equal bounds -> plain mixup
-        assert alphas == {(dynmix.get("alpha_max", 1.0),) * 6}
+    # balanced counts -> every class at alpha_max, for good; equal bounds -> plain mixup
+    assert alphas == {(dynmix.get("alpha_max", 1.0),) * 6}
+
+
+@pytest.mark.parametrize("accuracy_from", ["val", "train"])
+def test_dynmix_alphas_follow_the_accuracy_of_train_dynmix_accuracy_from(tmp_path, accuracy_from,
+                                                                         synthetic_features, train_params):
+    """Classes 0 and 1 are easy on train, and the hardest on validation, whose labels of the two
+    are swapped (accuracy ~0): their alphas go to alpha_max from val, near alpha_min from train."""
+    features = synthetic_features(tmp_path / "features", blobs=1)
+    with np.load(features / "val.npz") as f:
+        x, y = f["features"], f["labels"]
+    np.savez(features / "val.npz", features=x, labels=np.choose(y, [1, 0, 2, 3, 4, 5]))
+    p = train_params(variants=["mofe_dynmix"], epochs=3, expert_epochs=1, router_epochs=1,
+                     dynmix={"accuracy_from": accuracy_from})
+    low, high = p["train"]["dynmix"]["alpha_min"], p["train"]["dynmix"]["alpha_max"]
+    train.run(p, features, tmp_path / "models")
+    rows = history(tmp_path / "models" / "mofe_dynmix" / "history.csv")
+    assert len(rows) == 7
+    for row in rows[1:]:  # the first epoch runs on the counts' alphas (balanced: all alpha_max)
+        swapped = [float(row[f"alpha_{c}"]) for c in (0, 1)]
+        if accuracy_from == "val":
+            assert min(swapped) > low + 0.9 * (high - low), row
+        else:
+            assert max(swapped) < low + 0.1 * (high - low), row
 
 
 def test_the_train_section_is_params_yaml_with_no_default_in_code(train_params):
