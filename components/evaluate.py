@@ -20,11 +20,11 @@ def evaluate(base: str, train: str, finetune: str, evaluate: str, register: str,
     import json
     from pathlib import Path
 
-    from mofe_ood.serving.gate import registered_variant
+    from mofe_ood.registry.gate import registered_variant
 
     variant = registered_variant(params["register"]["variant"], reports.path)  # auto: chosen on validation
     thresholds = json.loads((Path(reports.path) / "thresholds.json").read_text())
-    for name, value in report.headline(all_metrics, thresholds, variant).items():
+    for name, value in report.dashboard(all_metrics, thresholds, variant).items():
         if isinstance(value, str):
             metrics.metadata[name] = value
         else:

@@ -228,8 +228,8 @@ def registry_version(model: str) -> dict | None:
     """{name, version, alias} of a `models:/` reference, checked against the registry; None otherwise."""
     if not model.startswith("models:/"):
         return None
-    from mofe_ood.serving.registry import resolve
-    from mofe_ood.serving.tracking import connect
+    from mofe_ood.registry.tracking import connect
+    from mofe_ood.registry.versions import resolve
 
     return resolve(connect(must_exist=True), model)
 
@@ -245,8 +245,8 @@ def model_named(model: str, version: dict | None, detector) -> str:
 
 def registry(args, params: dict) -> int:
     """`mofe registry`: the versions as the gate left them (MLflow's UI buttons skip the gate)."""
-    from mofe_ood.serving.registry import table, versions
-    from mofe_ood.serving.tracking import connect
+    from mofe_ood.registry.tracking import connect
+    from mofe_ood.registry.versions import table, versions
 
     name = args.name or (params.get("register") or {}).get("model_name") or "mofe-ood"
     rows = versions(connect(must_exist=True), name)

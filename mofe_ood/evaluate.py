@@ -39,11 +39,11 @@ from mofe_ood.config import section
 from mofe_ood.headline import FILE as HEADLINE_FILE
 from mofe_ood.headline import write as write_headline
 from mofe_ood.params import ParamError, check_choice, check_number
+from mofe_ood.registry.gate import AUTO as REGISTER_AUTO
 from mofe_ood.report import plot_variant, results_table, seeds_table
 from mofe_ood.report import summary as summary  # what `mofe evaluate` prints (the CLI looks for it)
-from mofe_ood.serving.gate import AUTO as REGISTER_AUTO
 from mofe_ood.splits import GROUPS, ID_SPLITS, VAL_SUFFIX, DataError
-from mofe_ood.training.heads import FROZEN, Outputs, trained_variants, variant_outputs
+from mofe_ood.variants import FROZEN, Outputs, trained_variants, variant_outputs
 
 AUTO = "auto"  # evaluate.default_score: the best score on validation, per variant
 OUTPUTS = ("metrics.json", "metrics_val.json", "selection.json", "seeds.json", HEADLINE_FILE, "thresholds.json",

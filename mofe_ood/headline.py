@@ -39,7 +39,7 @@ def numbers(entry: Mapping, score: str) -> dict[str, float]:
     return out
 
 
-def headline(all_metrics: Mapping, thresholds: Mapping, registered: str | None) -> dict:
+def content(all_metrics: Mapping, thresholds: Mapping, registered: str | None) -> dict:
     """metrics.json + thresholds.json -> headline.json's content (see the module docstring).
 
     `registered` is left out when it was not evaluated: register then stops with that error.
@@ -53,6 +53,6 @@ def headline(all_metrics: Mapping, thresholds: Mapping, registered: str | None) 
 
 
 def write(path: str | Path, all_metrics: Mapping, thresholds: Mapping, registered: str | None) -> dict:
-    content = headline(all_metrics, thresholds, registered)
-    Path(path).write_text(json.dumps(content, indent=2) + "\n")
-    return content
+    written = content(all_metrics, thresholds, registered)
+    Path(path).write_text(json.dumps(written, indent=2) + "\n")
+    return written

@@ -199,3 +199,16 @@ class DynamicBetaMixup:
         lam = sample_beta(alpha, generator).to(x.device)
         mixed_x, mixed_t = mix(x, soft_targets(targets, self.num_classes, self.label_smoothing), lam)
         return mixed_x, mixed_t, lam
+
+
+def make_mixup(kind: str, num_classes: int, counts: np.ndarray, label_smoothing: float, mixup_alpha: float,
+               dynmix) -> Mixup | DynamicBetaMixup | None:
+    """The mixup of `kind` (none | plain | dynamic): plain needs `mixup_alpha` > 0 (`train.mixup_alpha`);
+    dynamic reads `dynmix` (the `train.dynmix` section: alpha_min, alpha_max, power, momentum, difficulty)."""
+    if kind == "plain" and mixup_alpha > 0:
+        return Mixup(num_classes, mixup_alpha, label_smoothing)
+    if kind == "dynamic":
+        return DynamicBetaMixup(num_classes, dynmix.alpha_min, dynmix.alpha_max, power=dynmix.power,
+                                momentum=dynmix.momentum, label_smoothing=label_smoothing, counts=counts,
+                                difficulty=dynmix.difficulty)
+    return None

@@ -1,6 +1,6 @@
 """What a person reads of an evaluation (written by the evaluate stage, read by nobody's choice):
 results.md's table, the ROC/histogram plots and DVC's ROC rows, the page the Kubeflow UI shows
-(`plots_html`), the dashboard numbers of its Metrics artifact (`headline`) and the few lines
+(`plots_html`), the dashboard numbers of its Metrics artifact (`dashboard`) and the few lines
 `mofe evaluate` prints (`summary`). The numbers themselves come from mofe_ood.evaluate.
 """
 
@@ -28,7 +28,7 @@ def seeds_table(seeds: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def headline(all_metrics: dict, thresholds: dict, variant: str) -> dict[str, float]:
+def dashboard(all_metrics: dict, thresholds: dict, variant: str) -> dict[str, float]:
     """What a dashboard shows: `variant` at its default score, and the best other (variant,
     score) by near AUROC, each as near/far AUROC and FPR95 and ID accuracy (flat keys)."""
     def numbers(v: str, score: str) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Stage `train`: heads on the cached frozen features, one folder per variant.
 
-Variants (`train.variants`, training/heads.py): on the pooled frozen features
+Variants (`train.variants`, mofe_ood/variants.py): on the pooled frozen features
 `linear`, `mlp`, `mofe` and `mofe_dynmix` (MLP experts, ours); on the cached trunk
 activations (extract.top_blocks) `top` (the backbone's top fine-tuned, no experts),
 `mofe_block` and `mofe_block_dynmix` (the paper's MoFE: copies of the top as
@@ -11,7 +11,7 @@ also the fine-tuned MoFE on images (training/finetuning.py), as
 
 Output per variant, `<models_dir>/<variant>/`:
 - `model.safetensors`: the weights (no pickle anywhere, checkpoints included);
-- `config.json`: architecture (enough for `heads.load_model`), class names, class
+- `config.json`: architecture (enough for `variants.load_head`), class names, class
   groups, the params used, the final ID validation accuracy;
 - `history.csv`: one row per epoch (DVC plot data): epoch, phase, loss, lr,
   ID val accuracy, the mixup alpha of every class in use.
@@ -54,10 +54,10 @@ from mofe_ood.training import distributed, finetuning
 from mofe_ood.splits import load_features, load_trunk
 from mofe_ood.training.data import load_data, load_trunk_data
 from mofe_ood.training.head_training import train_variant
-from mofe_ood.training.heads import (VARIANTS, FinetunedMoFE, frozen_backbone, save_image_model, save_weights,
-                                     trained_variants, write_config)
 from mofe_ood.training.history import history_markdown, write_history
-from mofe_ood.training.settings import TRUNK_VARIANTS, TrainConfig, finetune_config, train_config
+from mofe_ood.training.settings import TrainConfig, finetune_config, train_config
+from mofe_ood.variants import (TRUNK_VARIANTS, VARIANTS, FinetunedMoFE, frozen_backbone, save_image_model,
+                               save_weights, trained_variants, write_config)
 
 __all__ = ["config", "run", "history_markdown"]
 log = logging.getLogger(__name__)
@@ -70,8 +70,8 @@ def config(params: dict) -> TrainConfig:
 
 def _check(params: dict) -> tuple[TrainConfig, bool]:
     cfg = config(params)
-    trained_variants(params)  # a bad finetune section fails here, before any training
-    finetune = finetune_config(params).enabled
+    finetune = finetune_config(params).enabled  # a bad finetune section fails here, before any training
+    trained_variants(params)  # as does a finetune.variant named like a head variant
     if finetune and not is_vit(str(params["extract"]["backbone"])):
         raise ParamError(f"finetune.enabled: fine-tuning with block experts needs a DINOv2 "
                          f"extract.backbone, not {params['extract']['backbone']!r}")
@@ -88,7 +88,7 @@ def run(params: dict, features_dir: str | Path = "data/features", models_dir: st
         raise ParamError(f"train.seeds: {cfg.seeds!r} repeats base.seed {seed} (list only the other seeds)")
     features_dir, models_dir = Path(features_dir), Path(models_dir)
     info = json.loads((features_dir / "info.json").read_text())
-    if any(v.startswith("mofe") for v in cfg.variants):
+    if any(VARIANTS[v].routed for v in cfg.variants):
         cfg.mofe.check_data(len(info["classes"]))
     processes = distributed.processes(cfg.gpus, cfg.processes)
     if processes > 1 and not distributed.under_torchrun():
@@ -164,7 +164,7 @@ def _trunk_inputs(features_dir: Path, info: dict, params: dict):
 @torch.inference_mode()
 def _write_trunk_variant(out: Path, variant: str, model, backbone, history: list[dict], cfg: TrainConfig,
                          seed: int, features_dir: Path, info: dict) -> None:
-    """A trunk variant as an image model (heads.save_image_model): the frozen backbone's trunk + the
+    """A trunk variant as an image model (variants.save_image_model): the frozen backbone's trunk + the
     trained MoFE, and its routed features of every split, computed from the cached trunk."""
     def split_features():
         for split in info["splits"]:
@@ -180,6 +180,7 @@ def _write_trunk_variant(out: Path, variant: str, model, backbone, history: list
                      {"backbone": info["backbone"], "weights": info["weights"], "image_size": info["image_size"],
                       "mean": prep.mean, "std": prep.std, "backbone_kwargs": {}},
                      {"seed": seed, "train": as_dict(cfg), "top_blocks": info["trunk"]["top_blocks"]}, history)
+    write_history(out / "history.csv", history)
 
 
 def _launch(processes: int, params: dict, features_dir: Path, models_dir: Path, prepared_dir) -> None:

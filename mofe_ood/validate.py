@@ -30,7 +30,7 @@ REFERENCE = Path(__file__).resolve().parents[1] / "params.yaml"
 OPEN = {"prepare.ood", "evaluate.extra_ood", "finetune.backbone_kwargs", "kfp.gpu_node_selector"}
 DEVICES = ("auto", "cpu", "cuda")
 # Sections no stage module owns, and the function that builds each one's config object.
-OTHER_CONFIGS = {"base": "mofe_ood.config:base", "finetune": "mofe_ood.finetune:config",
+OTHER_CONFIGS = {"base": "mofe_ood.config:base", "finetune": "mofe_ood.training.settings:finetune_config",
                  "kfp": "mofe_ood.stages:kfp_config"}
 
 

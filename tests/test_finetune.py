@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from mofe_ood import finetune, train
+from mofe_ood import train
 from mofe_ood.params import ParamError, merged
-from mofe_ood.training import heads, loop
+from mofe_ood import variants
+from mofe_ood.training import finetuning, loop
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, prepared_images):
@@ -18,7 +19,7 @@ def data(tmp_path_factory, prepared_images):
 @pytest.fixture(scope="module")
 def finetuned(data, tmp_path_factory, finetune_params):
     models = tmp_path_factory.mktemp("ft_models")
-    summary = finetune.run(finetune_params(), data, models)
+    summary = finetuning.run(finetune_params(), data, models)
     return models, summary
 
 
@@ -29,7 +30,7 @@ def test_finetune_writes_a_loadable_model_and_features(data, finetuned):
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["backbone.safetensors", "config.json", "features", "history.csv",
                             "mofe.safetensors", "model.safetensors"])
-    model, cfg = heads.load_finetuned(out)
+    model, cfg = variants.load_image_model(out)
     images = np.load(data / "val.npz")["images"]
     from mofe_ood.backbones import Preprocess
     from mofe_ood.backbones import preprocess
@@ -43,7 +44,7 @@ def test_finetune_writes_a_loadable_model_and_features(data, finetuned):
     e0, e1 = (e.top[0].mlp.fc1.weight for e in model.mofe.experts)
     assert not torch.equal(e0, e1)  # each expert trained on its own group
     # the feature-based head over the routed features = the fine-tuned model's classifier
-    head, _ = heads.load_model(out)
+    head, _ = variants.load_head(out)
     with torch.no_grad():
         logits = head(torch.from_numpy(saved["features"]))["logits"]
     assert torch.allclose(logits, result["logits"], atol=1e-4)
@@ -64,9 +65,9 @@ def test_finetune_resumes_to_the_same_result(data, finetuned, tmp_path, monkeypa
     monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     p = finetune_params(checkpoint_dir=str(tmp_path / "ckpt"))
     with pytest.raises(KeyboardInterrupt):
-        finetune.run(p, data, tmp_path / "models")
+        finetuning.run(p, data, tmp_path / "models")
     monkeypatch.setattr(loop, "save_checkpoint", save)
-    finetune.run(p, data, tmp_path / "models")
+    finetuning.run(p, data, tmp_path / "models")
     for name in ("backbone.safetensors", "mofe.safetensors", "history.csv"):
         assert (tmp_path / "models" / "mofe_finetune" / name).read_bytes() == \
             (models / "mofe_finetune" / name).read_bytes(), name
@@ -75,9 +76,9 @@ def test_finetune_resumes_to_the_same_result(data, finetuned, tmp_path, monkeypa
 def test_finetune_needs_a_vit(data, tmp_path, finetune_params):
     p = merged(finetune_params(), {"extract": {"backbone": "tf_efficientnet_lite0"}})
     with pytest.raises(ParamError, match="extract.backbone"):
-        finetune.run(p, data, tmp_path)
+        finetuning.run(p, data, tmp_path)
     with pytest.raises(ParamError, match="finetune.layer_decay"):
-        finetune.run(finetune_params(layer_decay=1.5), data, tmp_path)
+        finetuning.run(finetune_params(layer_decay=1.5), data, tmp_path)
 
 
 def test_the_train_stage_fine_tunes_when_enabled_and_evaluate_reads_its_features(

@@ -25,7 +25,7 @@ def test_headline_is_the_registered_variant_and_each_variant_at_its_default_scor
     written = json.loads((reports / "headline.json").read_text())  # what evaluate.run wrote
     all_metrics = json.loads((reports / "metrics.json").read_text())
     thresholds = json.loads((reports / "thresholds.json").read_text())
-    assert written == headline.headline(all_metrics, thresholds, tiny_run()["register"]["variant"])
+    assert written == headline.content(all_metrics, thresholds, tiny_run()["register"]["variant"])
     assert set(written) == {"registered", "frozen", tiny_variant}
     # registered: the variant register ships, at its default score (what thresholds.json calibrates)
     ship = all_metrics[tiny_variant][thresholds[tiny_variant]["score"]]

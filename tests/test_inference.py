@@ -192,16 +192,6 @@ def test_model_input_rows_fail_one_by_one_and_past_the_row_limit(project, detect
         rows_from_input({"img": [good]}, max_rows=5)
 
 
-def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(project, detector, tiny_images):
-    from concurrent.futures import ThreadPoolExecutor
-
-    images = tiny_images("test")[:16]
-    alone = detector.predict(images).ood_score
-    with ThreadPoolExecutor(8) as pool:
-        together = list(pool.map(lambda i: detector.predict(images[i:i + 1]).ood_score[0], range(16)))
-    np.testing.assert_allclose(together, alone, atol=1e-5)
-
-
 def test_score_cli_json_lines_give_evaluate_auroc(project, monkeypatch, capsys, tiny_variant):
     monkeypatch.chdir(project)
     assert cli.main(["score", "images/test", "images/fmnist_near", "--model", f"models/{tiny_variant}"]) == 0
@@ -247,15 +237,16 @@ def test_score_cli_errors(project, tmp_path, monkeypatch, capsys, tiny_variant):
 
 
 def test_a_finetuned_variant_predicts_through_its_own_image_model(tmp_path, finetune_params, prepared_images):
-    """finetune.py's variant: images -> its ViT + block-expert MoFE -> the routed feature -> head."""
+    """The fine-tuned variant: images -> its ViT + block-expert MoFE -> the routed feature -> head."""
     import torch
 
-    from mofe_ood import finetune, scores
+    from mofe_ood import scores
     from mofe_ood.splits import load_features
-    from mofe_ood.training.heads import load_model
+    from mofe_ood.training import finetuning
+    from mofe_ood.variants import load_head
 
     data, params, variant = prepared_images(tmp_path / "prepared"), finetune_params(), "mofe_finetune"
-    finetune.run(params, data, tmp_path / "models")
+    finetuning.run(params, data, tmp_path / "models")
     (tmp_path / "reports").mkdir()
     (tmp_path / "reports" / "thresholds.json").write_text(json.dumps(
         {variant: {"score": "knn", "hyper": {"k": 3}, "tpr": 0.95, "threshold": -0.5}}))
@@ -264,7 +255,7 @@ def test_a_finetuned_variant_predicts_through_its_own_image_model(tmp_path, fine
     images = load_split(data, "ood").images
     got = detector.predict(images)
     # What evaluate computes for it: the head on the variant's own features, KNN fitted on train.
-    head, _ = load_model(tmp_path / "models" / variant)
+    head, _ = load_head(tmp_path / "models" / variant)
     with torch.inference_mode():
         train, ood = (head(torch.from_numpy(load_features(tmp_path / "models" / variant / "features", s)[0]))
                       for s in ("train", "ood"))

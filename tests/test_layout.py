@@ -118,6 +118,16 @@ def test_no_stage_module_imports_another_stage_module(import_graph):
     assert not found, "a stage imports another stage: " + "; ".join(found)
 
 
+def test_evaluate_and_serving_import_no_training_module(import_graph):
+    """They read trained models through mofe_ood.variants: a training edit re-runs no evaluate under DVC."""
+    readers = ["mofe_ood.evaluate", *(m for m in import_graph if m.startswith("mofe_ood.serving"))]
+    found = []
+    for reader in readers:
+        parent = reach(import_graph, reader)
+        found += [path_to(parent, m) for m in sorted(parent) if m.startswith("mofe_ood.training")]
+    assert len(readers) > 3 and not found, "a model reader imports training code: " + "; ".join(found)
+
+
 def test_modules_and_functions_are_small():
     modules, functions = sizes()
     large = {name: n for name, n in modules.items() if n > MAX_MODULE_LINES}

@@ -20,8 +20,8 @@ from mofe_ood import cli, register
 from mofe_ood.bench.serve import declared_png, free_port, request_body, start_server, stop_server
 from mofe_ood.images import encode_png
 from mofe_ood.params import merged
-from mofe_ood.serving.gate import Candidate, decide
-from mofe_ood.serving.tracking import tracking_uri
+from mofe_ood.registry.gate import Candidate, decide
+from mofe_ood.registry.tracking import tracking_uri
 
 NAME = "mofe-ood"
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,7 +241,7 @@ def test_gate_rules(tiny_variant, tiny_run):
 
 
 def test_register_variant_auto_is_the_variant_chosen_on_validation(tmp_path):
-    from mofe_ood.serving.gate import registered_variant
+    from mofe_ood.registry.gate import registered_variant
 
     assert registered_variant("mofe_block", tmp_path) == "mofe_block"  # a name: as given
     with pytest.raises(FileNotFoundError, match="selection.json does not exist"):

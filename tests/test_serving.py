@@ -3,9 +3,10 @@
 The first part needs no model: decoding (every mode against a reference conversion, EXIF
 orientation) and the served model's row parsing (path policy, limits checked before
 decoding, the error vocabulary). The second part runs a small detector (a random
-EfficientNet-Lite0 at 32 px, KNN on a random bank) as MLflow serves it: in process
-through MLflow's own request handler, and as `mlflow models serve` on loopback for what
-only a real server shows (the next request, memory).
+EfficientNet-Lite0 at 32 px, KNN on a random bank): concurrent requests sharing forward
+passes, and the detector as MLflow serves it: in process through MLflow's own request
+handler, and as `mlflow models serve` on loopback for what only a real server shows (the
+next request, memory).
 """
 
 import base64
@@ -301,19 +302,13 @@ def test_params_batch_size_is_checked():
 
 # ---------------------------------------------------------------- the served model (item 6)
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A small detector saved as the registered model is (a bundle for onnxruntime inside an MLflow
-    model), with a path root holding one image; -> (detector, model folder, root)."""
+def small_detector(path_root: str | None = None):
+    """A random EfficientNet-Lite0 at 32 px, KNN (k=1) on a random bank of 4 classes."""
     import torch
 
     from mofe_ood.backbones import create_backbone
-    from mofe_ood.serving import bundle
     from mofe_ood.serving.detector import Detector
 
-    base = tmp_path_factory.mktemp("served")
-    root = base / "allowed"
-    root.mkdir()
     with torch.random.fork_rng():
         torch.manual_seed(0)
         backbone = create_backbone("tf_efficientnet_lite0", "random", 32, num_classes=0)
@@ -323,13 +318,59 @@ def served(tmp_path_factory):
     rng = np.random.default_rng(0)
     bank = {"features": rng.normal(size=(40, backbone.num_features)).astype(np.float32),
             "labels": np.repeat(np.arange(4), 10)}
-    detector = Detector(variant="frozen", classes=list("abcd"), backbone=backbone, backbone_spec=spec, head=None,
-                        head_files={}, bank=bank, score={"name": "knn", "hyper": {"k": 1}, "threshold": -30.0},
-                        max_side=128, max_pixels=25_000_000, max_rows=32, max_row_bytes=16_000_000,
-                        max_request_pixels=100_000_000, path_root=str(root))
+    return Detector(variant="frozen", classes=list("abcd"), backbone=backbone, backbone_spec=spec, head=None,
+                    head_files={}, bank=bank, score={"name": "knn", "hyper": {"k": 1}, "threshold": -30.0},
+                    max_side=128, max_pixels=25_000_000, max_rows=32, max_row_bytes=16_000_000,
+                    max_request_pixels=100_000_000, path_root=path_root)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A small detector saved as the registered model is (a bundle for onnxruntime inside an MLflow
+    model), with a path root holding one image; -> (detector, model folder, root)."""
+    from mofe_ood.serving import bundle
+
+    base = tmp_path_factory.mktemp("served")
+    root = base / "allowed"
+    root.mkdir()
+    detector = small_detector(str(root))
     saved = bundle.save(detector, base / "bundle", runtime="onnxruntime")
     model = pyfunc.save_model(saved, base / "model")
     return bundle.load(saved), model, root
+
+
+@pytest.mark.parametrize("requests", [16, 40])
+def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(requests):
+    """One image per request, all at once: the first request's pass runs while the others queue,
+    then the queued ones go through the backbone together, at most max_rows (32) rows a pass."""
+    import math
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    detector = small_detector()
+    images = np.random.default_rng(1).integers(0, 256, (requests, 24, 24, 3), dtype=np.uint8)
+    alone = detector.predict(images, batch_size=requests).ood_score
+    passes = []  # rows of each backbone forward pass
+    batcher = detector._scored  # its queue: the requests waiting for a pass
+
+    def count(module, args):
+        passes.append(len(args[0]))
+        if len(passes) == 1:  # hold the first pass until every other request waits for the next
+            deadline = time.monotonic() + 60
+            while sum(len(job["x"]) for job in batcher.queue) < requests - passes[0] and time.monotonic() < deadline:
+                time.sleep(0.005)
+
+    # The stem convolution runs once per backbone pass (pooled_features calls no module hook).
+    hook = detector.backbone.conv_stem.register_forward_pre_hook(count)
+    try:
+        with ThreadPoolExecutor(requests) as pool:
+            together = list(pool.map(lambda i: detector.predict(images[i:i + 1]).ood_score[0], range(requests)))
+    finally:
+        hook.remove()
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    assert sum(passes) == requests and max(passes) <= 32
+    # the first pass, then the rest in as few passes as 32 rows allow: 2 passes of 16 requests, 3 of 40
+    assert len(passes) == 1 + math.ceil((requests - passes[0]) / 32) < requests, passes
 
 
 def hostile_request(root: Path, outside: Path) -> tuple[list[dict], list[str | None], list[bytes]]:

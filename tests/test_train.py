@@ -8,14 +8,15 @@ import torch
 
 from mofe_ood import train
 from mofe_ood.params import ParamError, merged
-from mofe_ood.training import heads, loop
+from mofe_ood import variants
+from mofe_ood.training import loop
 
 @pytest.fixture(scope="module")
 def features(tmp_path_factory, synthetic_features):
     return synthetic_features(tmp_path_factory.mktemp("features"))
 
 
-POOLED = [v for v, spec in heads.VARIANTS.items() if not spec.trunk]  # the heads on pooled features
+POOLED = [v for v, spec in variants.VARIANTS.items() if not spec.trunk]  # the heads on pooled features
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_every_variant_writes_its_files_and_loads_back(features, trained):
     for variant in POOLED:
         folder = models / variant
         assert sorted(p.name for p in folder.iterdir()) == ["config.json", "history.csv", "model.safetensors"]
-        model, cfg = heads.load_model(folder)
+        model, cfg = variants.load_head(folder)
         assert cfg["variant"] == variant and cfg["classes"] == [f"class{i}" for i in range(6)]
         assert cfg["params"]["seed"] == 0 and cfg["params"]["train"]["epochs"] == 10
         with torch.no_grad():
@@ -57,9 +58,9 @@ def test_every_variant_writes_its_files_and_loads_back(features, trained):
         assert float(rows[-1]["val_accuracy"]) == cfg["val_accuracy"]
         assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1))
     with torch.no_grad():
-        assert torch.equal(heads.load_model(models / "linear")[0](x)["feature"], x)
-        assert heads.load_model(models / "mlp")[0](x)["feature"].shape == (len(x), 64)
-        out = heads.load_model(models / "mofe_dynmix")[0](x)
+        assert torch.equal(variants.load_head(models / "linear")[0](x)["feature"], x)
+        assert variants.load_head(models / "mlp")[0](x)["feature"].shape == (len(x), 64)
+        out = variants.load_head(models / "mofe_dynmix")[0](x)
     assert out["feature"].shape == (len(x), 8) and torch.equal(out["gates"].sum(1), torch.ones(len(x)))
     cfg = json.loads((models / "mofe" / "config.json").read_text())
     assert len(cfg["groups"]) == 6 and sorted(set(cfg["groups"])) == [0, 1, 2]
@@ -143,7 +144,7 @@ def test_checkpoint_of_other_params_is_ignored(features, tmp_path, train_params)
 def test_mofe_options_train_and_load(features, tmp_path, mofe, train_params):
     p = train_params(variants=["mofe"], epochs=3, expert_epochs=1, router_epochs=1, mofe=mofe)
     summary = train.run(p, features, tmp_path / "models")
-    model, cfg = heads.load_model(tmp_path / "models" / "mofe")
+    model, cfg = variants.load_head(tmp_path / "models" / "mofe")
     if "group_table" in mofe:
         assert cfg["groups"] == [0, 0, 1, 1, 2, 2]
     x, _ = val_data(features)
@@ -183,17 +184,37 @@ def test_bad_params_fail_before_training_naming_the_param(features, tmp_path, mo
     assert not (tmp_path / "models").exists()
 
 
-@pytest.mark.parametrize("dynmix", [{"accuracy_from": "train"}, {"difficulty": "counts"},
-                                    {"alpha_min": 0.4, "alpha_max": 0.4}])
+@pytest.mark.parametrize("dynmix", [{"difficulty": "counts"}, {"alpha_min": 0.4, "alpha_max": 0.4}])
 def test_dynmix_options(features, tmp_path, dynmix, train_params):
     p = train_params(variants=["mofe_dynmix"], epochs=3, expert_epochs=1, router_epochs=1, dynmix=dynmix)
     train.run(p, features, tmp_path / "models")
     alphas = {tuple(float(r[f"alpha_{c}"]) for c in range(6))
               for r in history(tmp_path / "models" / "mofe_dynmix" / "history.csv")}
-    if "accuracy_from" in dynmix:
-        assert len(alphas) > 1
-    else:  # balanced counts -> every class at alpha_max, for good; equal bounds -> plain mixup
-        assert alphas == {(dynmix.get("alpha_max", 1.0),) * 6}
+    # balanced counts -> every class at alpha_max, for good; equal bounds -> plain mixup
+    assert alphas == {(dynmix.get("alpha_max", 1.0),) * 6}
+
+
+@pytest.mark.parametrize("accuracy_from", ["val", "train"])
+def test_dynmix_alphas_follow_the_accuracy_of_train_dynmix_accuracy_from(tmp_path, accuracy_from,
+                                                                         synthetic_features, train_params):
+    """Classes 0 and 1 are easy on train, and the hardest on validation, whose labels of the two
+    are swapped (accuracy ~0): their alphas go to alpha_max from val, near alpha_min from train."""
+    features = synthetic_features(tmp_path / "features", blobs=1)
+    with np.load(features / "val.npz") as f:
+        x, y = f["features"], f["labels"]
+    np.savez(features / "val.npz", features=x, labels=np.choose(y, [1, 0, 2, 3, 4, 5]))
+    p = train_params(variants=["mofe_dynmix"], epochs=3, expert_epochs=1, router_epochs=1,
+                     dynmix={"accuracy_from": accuracy_from})
+    low, high = p["train"]["dynmix"]["alpha_min"], p["train"]["dynmix"]["alpha_max"]
+    train.run(p, features, tmp_path / "models")
+    rows = history(tmp_path / "models" / "mofe_dynmix" / "history.csv")
+    assert len(rows) == 7
+    for row in rows[1:]:  # the first epoch runs on the counts' alphas (balanced: all alpha_max)
+        swapped = [float(row[f"alpha_{c}"]) for c in (0, 1)]
+        if accuracy_from == "val":
+            assert min(swapped) > low + 0.9 * (high - low), row
+        else:
+            assert max(swapped) < low + 0.1 * (high - low), row
 
 
 def test_the_train_section_is_params_yaml_with_no_default_in_code(train_params):
@@ -237,7 +258,7 @@ def test_a_registered_expert_kind_trains_a_mofe_and_loads_back(features, tmp_pat
     p = train_params(variants=["mofe"], epochs=4, expert_epochs=2, router_epochs=2, mofe={"expert": "toy_residual"})
     summary = train.run(p, features, tmp_path / "models")
     assert summary["mofe"]["epochs"] == 4 + 3 * 2 + 2
-    model, cfg = heads.load_model(tmp_path / "models" / "mofe")
+    model, cfg = variants.load_head(tmp_path / "models" / "mofe")
     assert cfg["architecture"]["expert"] == "toy_residual"
     assert [type(e) for e in model.experts] == [toy_expert] * 3
     x, y = val_data(features)
@@ -279,10 +300,10 @@ def test_trunk_variants_train_the_three_phases_on_cached_activations(trunk_run):
     assert [r["phase"] for r in history(root / "models" / "top" / "history.csv")] == ["base", "base"]
     assert set(summary) == {"top", "mofe_block_dynmix"}
     # An image model: the frozen trunk + the trained experts, its routed features in features/.
-    model, cfg = heads.load_finetuned(root / "models" / "mofe_block_dynmix")
+    model, cfg = variants.load_image_model(root / "models" / "mofe_block_dynmix")
     assert cfg["finetuned"]["mofe"]["top_blocks"] == 1 and len(model.mofe.experts) == 2
     assert cfg["finetuned"]["mofe"]["router_dim"] == 192
-    frozen = heads.frozen_backbone("tf_efficientnet_lite0", "random", 32, params["base"]["seed"])
+    frozen = variants.frozen_backbone("tf_efficientnet_lite0", "random", 32, params["base"]["seed"])
     for k, v in frozen.state_dict().items():  # the trunk stays the frozen backbone's
         torch.testing.assert_close(model.backbone.state_dict()[k], v)
     experts = [e.state_dict() for e in model.mofe.experts]
@@ -295,7 +316,7 @@ def test_trunk_variants_train_the_three_phases_on_cached_activations(trunk_run):
     cached, _ = load_features(root / "models" / "mofe_block_dynmix" / "features", "ood")
     # features/ come from the float16 cache of the folded backbone: equal up to that rounding
     np.testing.assert_allclose(served.numpy(), cached, rtol=0, atol=2e-3 * np.abs(cached).max())
-    head, _ = heads.load_model(root / "models" / "mofe_block_dynmix")
+    head, _ = variants.load_head(root / "models" / "mofe_block_dynmix")
     assert head(torch.from_numpy(cached))["logits"].shape == (len(cached), 4)
 
 
@@ -354,7 +375,7 @@ def test_a_trunk_variant_is_served_through_its_image_model(trunk_run, tmp_path):
     assert detector.finetuned
     images = load_split(root / "prepared", "ood").images
     got = detector.predict(images)
-    head, _ = heads.load_model(models / variant)
+    head, _ = variants.load_head(models / variant)
     with torch.inference_mode():
         train_out, ood_out = (head(torch.from_numpy(load_features(models / variant / "features", s)[0]))
                               for s in ("train", "ood"))

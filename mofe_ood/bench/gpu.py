@@ -24,8 +24,8 @@ import torch
 
 from mofe_ood import params as params_mod
 from mofe_ood.backbones import create_backbone, pooled_features
+from mofe_ood.mixup import make_mixup
 from mofe_ood.training import distributed, finetuning
-from mofe_ood.training.heads import make_mixup
 from mofe_ood.training.loop import Step
 from mofe_ood.training.settings import finetune_config, train_config
 

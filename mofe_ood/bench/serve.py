@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="--hostile: where serve.max_rows is read")
     args = parser.parse_args(argv)
 
-    from mofe_ood.serving.tracking import tracking_uri
+    from mofe_ood.registry.tracking import tracking_uri
 
     images = test_images(Path(args.prepared))
     port = free_port()

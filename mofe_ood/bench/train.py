@@ -21,6 +21,7 @@ from mofe_ood.config import base
 from mofe_ood.training.data import Data, load_data
 from mofe_ood.training.head_training import train_variant
 from mofe_ood.training.settings import train_config
+from mofe_ood.variants import VARIANTS
 
 
 def synthetic_data(classes: int = 7, dim: int = 1280, train_per_class: int = 1000, val_per_class: int = 200,
@@ -54,7 +55,7 @@ def main(argv: list[str]) -> int:
         data, source = load_data(args.features), args.features
     else:
         data, source = synthetic_data(), "SYNTHETIC features (no train.npz in " + args.features + ")"
-    if any(v.startswith("mofe") for v in cfg.variants):
+    if any(VARIANTS[v].routed for v in cfg.variants):
         cfg.mofe.check_data(data.num_classes)
     threads = args.threads or cfg.num_threads
     if threads:

@@ -3,5 +3,6 @@
 - detector.py: the Detector, which only predicts;
 - bundle.py: a Detector from pipeline folders, saved as / loaded from a bundle;
 - pyfunc.py + model.py: the bundle as an MLflow pyfunc (per-row answers, input limits);
-- gate.py: the pure promotion gate; tracking.py: the tracking server / registry connection.
+- runtime.py: the backbone on ONNX Runtime.
+The registry's rules (the promotion gate, the tracking connection) are mofe_ood/registry/.
 """

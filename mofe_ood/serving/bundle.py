@@ -27,7 +27,7 @@ from mofe_ood.images import MAX_PIXELS
 from mofe_ood.params import ParamError, check_number
 from mofe_ood.serving.detector import Detector
 from mofe_ood.serving.runtime import ONNX_FILE, RUNTIMES, export
-from mofe_ood.training.heads import FROZEN, load_finetuned, load_model, variant_outputs
+from mofe_ood.variants import FROZEN, load_head, load_image_model, variant_outputs
 
 FORMAT = "mofe-ood-detector/1"
 
@@ -99,7 +99,7 @@ def from_pipeline(variant: str, models_dir: str | Path = "models",
             "labels": np.ascontiguousarray(train.labels, np.int64)}
     head, head_files = None, {}
     if variant != FROZEN:
-        head, _ = load_model(model_dir)
+        head, _ = load_head(model_dir)
         head_files = {f.name: f.read_bytes() for f in sorted(model_dir.iterdir())
                       if f.is_file() and f.suffix in (".json", ".safetensors")}
         bank["logits"] = np.ascontiguousarray(train.logits, np.float32)
@@ -118,8 +118,8 @@ def _pipeline_backbone(info: dict, model_dir: Path, params: dict) -> tuple[torch
     """The model that turned images into the variant's input features, and how a bundle refers to it."""
     config_path = model_dir / "config.json"
     tuned = json.loads(config_path.read_text()).get("finetuned") if config_path.is_file() else None
-    if tuned:  # finetune.py: backbone + MoFE with block experts, images -> routed feature
-        model, _ = load_finetuned(model_dir)
+    if tuned:  # an image model (variants.save_image_model): backbone + MoFE, images -> routed feature
+        model, _ = load_image_model(model_dir)
         return model, {"name": tuned["backbone"], "weights": "finetuned", "source": "finetuned",
                        "image_size": int(tuned["image_size"]), "mean": list(tuned["mean"]),
                        "std": list(tuned["std"]), "feature_dim": int(model.backbone.num_features)}
@@ -181,14 +181,14 @@ def load(bundle_dir: str | Path) -> Detector:
     if spec["weights"] == "package":
         backbone = create_backbone(spec["name"], "package", spec["image_size"], num_classes=0)
     elif spec["weights"] == "finetuned":
-        backbone, _ = load_finetuned(bundle_dir / config["head"])
+        backbone, _ = load_image_model(bundle_dir / config["head"])
     else:  # the exact tensors that were saved, loaded strictly
         backbone = create_backbone(spec["name"], "random", spec["image_size"], num_classes=0)
         backbone.load_state_dict(load_tensors(bundle_dir / spec["weights"]))
     head, head_files = None, {}
     if config.get("head"):
         head_dir = bundle_dir / config["head"]
-        head, _ = load_model(head_dir)
+        head, _ = load_head(head_dir)
         head_files = {f.name: f.read_bytes() for f in sorted(head_dir.iterdir()) if f.is_file()}
     bank = load_arrays(bundle_dir / "bank.safetensors")
     limits = config["input"]  # older bundles lack the newer limits: none of those then
@@ -209,7 +209,7 @@ def load_detector(model: str, features_dir: str | Path = "data/features", report
 
         import mlflow
 
-        from mofe_ood.serving.tracking import connect
+        from mofe_ood.registry.tracking import connect
 
         connect(must_exist=True)
         with tempfile.TemporaryDirectory(prefix="mofe-model-") as tmp:

@@ -16,10 +16,10 @@ epoch (`finetune.checkpoint_dir`); a resumed run equals an uninterrupted one
 Output, `<models_dir>/<variant>/`:
 - `backbone.safetensors`: the fine-tuned backbone (timm state dict, loads with
   `create_backbone(name, path)`); `mofe.safetensors`: the MoFE (token input);
-  `heads.load_finetuned(dir)` rebuilds the image model (images -> dict(feature, logits, ...));
+  `variants.load_image_model(dir)` rebuilds the image model (images -> dict(feature, logits, ...));
 - `features/<split>.npz` + `info.json`: the routed feature of every prepared
   split (extract's layout), and `model.safetensors` + `config.json`: the shared
-  classifier as a `linear` head on those features, so `heads.load_model` and
+  classifier as a `linear` head on those features, so `variants.load_head` and
   the feature-based scores work on a fine-tuned variant as on the others;
 - `history.csv`: per epoch, as the heads' (training/history.py).
 """
@@ -39,13 +39,14 @@ from mofe_ood import mofe as mofe_mod
 from mofe_ood.atomic import replacing
 from mofe_ood.backbones import create_backbone, is_vit, pooled_features, preprocess_config, torch_device
 from mofe_ood.config import as_dict, base
-from mofe_ood.mixup import soft_targets
+from mofe_ood.mixup import make_mixup, soft_targets
 from mofe_ood.params import ParamError
 from mofe_ood.training import phases
 from mofe_ood.training.data import Images, images_on, load_split
-from mofe_ood.training.heads import FinetunedMoFE, make_mixup, save_image_model
+from mofe_ood.training.history import write_history
 from mofe_ood.training.loop import Loop, Step, batches, decay_groups, fit, per_class_accuracy, phased_steps, seed_of
 from mofe_ood.training.settings import FinetuneConfig, TrainConfig, finetune_config, train_config
+from mofe_ood.variants import FinetunedMoFE, save_image_model
 
 log = logging.getLogger(__name__)
 
@@ -246,3 +247,4 @@ def _write(out: Path, model: FinetunedMoFE, prepared_dir: Path, manifest: dict, 
                          {"backbone": spec["backbone"], "weights": spec["weights"], "image_size": spec["image_size"],
                           "mean": prep.mean, "std": prep.std, "backbone_kwargs": cfg.backbone_kwargs},
                          {"seed": spec["seed"], "finetune": as_dict(cfg), "train": spec["shared"]}, history)
+        write_history(tmp / "history.csv", history)

@@ -17,13 +17,13 @@ from torch import nn
 
 from mofe_ood import mofe as mofe_mod
 from mofe_ood.config import as_dict
-from mofe_ood.mixup import DynamicBetaMixup, soft_targets
+from mofe_ood.mixup import DynamicBetaMixup, make_mixup, soft_targets
 from mofe_ood.training import distributed, phases
 from mofe_ood.training.data import Data
-from mofe_ood.training.heads import VARIANTS, architecture, block_architecture, build_model, make_mixup
 from mofe_ood.training.loop import (Loop, Step, batches, decay_groups, fit, per_class_accuracy, phased_steps,
                                     seed_of)
 from mofe_ood.training.settings import TrainConfig
+from mofe_ood.variants import VARIANTS, architecture, block_architecture, build_model
 
 # What the weights do not depend on (a checkpoint of a run differing only in these is resumed).
 NOT_IN_FINGERPRINT = ("variants", "seeds", "checkpoint_dir", "num_threads", "gpus", "processes")
@@ -156,7 +156,7 @@ def train_variant(variant: str, cfg: TrainConfig, data: Data, seed: int, ckpt_di
     world = world or distributed.World()
     spec = VARIANTS[variant]
     num_classes, dim = data.num_classes, data.x_train.shape[1]
-    groups = class_groups(data, cfg, seed) if spec.kind == "mofe" and spec.experts else None
+    groups = class_groups(data, cfg, seed) if spec.routed else None
     if spec.trunk:
         if trunk is None or backbone is None:
             raise ValueError(f"variant {variant!r} trains on the cached trunk: pass `trunk` and `backbone`")
@@ -180,8 +180,8 @@ def train_variant(variant: str, cfg: TrainConfig, data: Data, seed: int, ckpt_di
     if world.distributed:
         distributed.use_global_batch_dropout(model)
     counts = np.bincount(data.y_train.numpy(), minlength=num_classes)
-    smoothing = 0.0 if VARIANTS[variant].linear else cfg.label_smoothing
-    mixup = make_mixup(VARIANTS[variant].mixup, num_classes, counts, smoothing, cfg.mixup_alpha, cfg.dynmix)
+    smoothing = 0.0 if spec.linear else cfg.label_smoothing
+    mixup = make_mixup(spec.mixup, num_classes, counts, smoothing, cfg.mixup_alpha, cfg.dynmix)
     knobs = {k: v for k, v in as_dict(cfg).items() if k not in NOT_IN_FINGERPRINT}
     loop = Loop(variant, (seed,), "dropout", cfg.warmup_epochs, cfg.min_lr_ratio, checkpoint_dir=ckpt_dir,
                 fingerprint=str(seed_of(variant, knobs, seed, data.fingerprint())), world=world)

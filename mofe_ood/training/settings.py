@@ -14,10 +14,7 @@ from mofe_ood import mofe as mofe_mod
 from mofe_ood.backbones import torch_device
 from mofe_ood.config import section
 from mofe_ood.params import ParamError, check_choice, check_number
-
-# heads.VARIANTS holds what each one is
-HEAD_VARIANTS = ("linear", "mlp", "mofe", "mofe_dynmix", "top", "mofe_block", "mofe_block_dynmix")
-TRUNK_VARIANTS = ("top", "mofe_block", "mofe_block_dynmix")  # read the cached trunk (extract.top_blocks)
+from mofe_ood.variants import TRUNK_VARIANTS, VARIANTS
 
 
 def _positive(name: str, value) -> None:
@@ -138,7 +135,7 @@ class TrainConfig:
         if not isinstance(variants, list) or not variants:
             raise ParamError(f"train.variants: {variants!r} must be a non-empty list")
         for v in variants:
-            check_choice("train.variants", v, HEAD_VARIANTS)
+            check_choice("train.variants", v, VARIANTS)
         if len(set(variants)) != len(variants):
             raise ParamError(f"train.variants: {variants!r} lists a variant twice")
         if not isinstance(self.seeds, list) or len(set(self.seeds)) != len(self.seeds):
@@ -160,11 +157,12 @@ class TrainConfig:
         check_number("train.processes", self.processes, low=1, integer=True, allow_none=True)
         if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
             raise ParamError(f"train.checkpoint_dir: {self.checkpoint_dir!r} is not a path or null")
-        if mofe_mod.EXPERTS[self.mofe.expert].reads_tokens and any(v in ("mofe", "mofe_dynmix") for v in variants):
+        on_pooled = [v for v in variants if VARIANTS[v].routed and not VARIANTS[v].trunk]
+        if mofe_mod.EXPERTS[self.mofe.expert].reads_tokens and on_pooled:
             pooled = ", ".join(k for k, e in mofe_mod.EXPERTS.items() if not e.reads_tokens)
             raise ParamError(f"train.mofe.expert: {self.mofe.expert!r} experts read the trunk, not the pooled "
-                             f"features of the mofe / mofe_dynmix variants; use one of: {pooled} (block experts "
-                             f"on the cached trunk are the variants {', '.join(TRUNK_VARIANTS)})")
+                             f"features of the {' / '.join(on_pooled)} variants; use one of: {pooled} (block "
+                             f"experts on the cached trunk are the variants {', '.join(TRUNK_VARIANTS)})")
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,25 @@
-"""The trained models: what each variant is, how it is built, saved and loaded.
+"""The trained variants: what each one is, and how its model is built, saved, loaded and run.
 
-`VARIANTS`: the head variants of `train.variants`, each an architecture
-kind (`ARCHITECTURES`: linear probe, MLP head, MoFE), a mixup and its lr:
+`VARIANTS`, the one table of the head variants of `train.variants`: each one's
+architecture kind (`ARCHITECTURES`: linear probe, MLP head, MoFE), mixup and inputs:
 - `linear`: linear probe (plain cross-entropy: no mixup, no label smoothing);
 - `mlp`: one-hidden-layer MLP head + plain mixup;
 - `mofe`: MoFE (mofe.py) + plain mixup;
-- `mofe_dynmix`: MoFE + Dynamic-β Mixup (mixup.py): the method.
+- `mofe_dynmix`: MoFE + Dynamic-β Mixup (mixup.py);
+- `top`: the backbone's top trained on the cached trunk, one expert (no routing);
+- `mofe_block`, `mofe_block_dynmix`: MoFE whose experts are copies of the backbone's top,
+  on the cached trunk (+ Dynamic-β Mixup: the method).
 The fine-tuned variant (`finetune.variant`) is a MoFE of token-reading experts
 over a fine-tuned ViT (`FinetunedMoFE`); on disk it also holds a `linear` head
-over its own routed features, so `load_model` reads every variant alike.
+over its own routed features, so `load_head` reads every variant alike.
 `FROZEN` names the backbone alone (no head): evaluate and serving use it.
 
+The train stage writes these folders (mofe_ood/training/ trains the models); evaluate and
+serving read them through this module, so neither imports any training code.
+
 On disk, `<models_dir>/<variant>/`: `model.safetensors` (no pickle) and
-`config.json` (format, architecture, classes, groups, params, val accuracy).
+`config.json` (format, architecture, classes, groups, params, val accuracy); an image
+model (`save_image_model`) also `backbone.safetensors`, `mofe.safetensors` and `features/`.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -28,11 +36,8 @@ from torch import nn
 
 from mofe_ood import mofe as mofe_mod
 from mofe_ood.backbones import create_backbone, trunk_of
-from mofe_ood.mixup import DynamicBetaMixup, Mixup
-from mofe_ood.params import ParamError
+from mofe_ood.params import ParamError, check_choice
 from mofe_ood.splits import DataError, load_features
-from mofe_ood.training.history import write_history
-from mofe_ood.training.settings import HEAD_VARIANTS, DynmixConfig, finetune_config, train_config
 
 FORMAT = "mofe-ood-head/1"
 FROZEN = "frozen"
@@ -40,13 +45,18 @@ FROZEN = "frozen"
 
 @dataclass(frozen=True)
 class Variant:
-    """A head variant: its architecture kind, its mixup (none | plain | dynamic) and its lr."""
+    """A head variant: its architecture kind, its mixup (none | plain | dynamic), its inputs and lr."""
 
-    kind: str
+    kind: str              # of ARCHITECTURES
     mixup: str
     linear: bool  # a linear layer trained alone: `train.linear_lr`, plain cross-entropy without mixup
     trunk: bool = False    # reads the cached trunk activations (block experts, `train.top`), not pooled features
     experts: bool = True   # False: phase 1 only, one expert (the fine-tuned top alone, the ablation's)
+
+    @property
+    def routed(self) -> bool:
+        """A MoFE of several experts, each over a group of classes (`train.mofe.num_experts` of them)."""
+        return self.kind == "mofe" and self.experts
 
 
 VARIANTS = {"linear": Variant("linear", "none", linear=True), "mlp": Variant("mlp", "plain", linear=False),
@@ -54,30 +64,33 @@ VARIANTS = {"linear": Variant("linear", "none", linear=True), "mlp": Variant("ml
             "top": Variant("mofe", "plain", linear=False, trunk=True, experts=False),
             "mofe_block": Variant("mofe", "plain", linear=False, trunk=True),
             "mofe_block_dynmix": Variant("mofe", "dynamic", linear=False, trunk=True)}
-assert tuple(VARIANTS) == HEAD_VARIANTS  # settings validates train.variants against these names
+TRUNK_VARIANTS = [name for name, v in VARIANTS.items() if v.trunk]  # read the cached trunk (extract.top_blocks)
 
 
-def make_mixup(kind: str, num_classes: int, counts: np.ndarray, label_smoothing: float, mixup_alpha: float,
-               dynmix: DynmixConfig):
-    """The mixup of `kind` (none | plain | dynamic): plain needs `mixup_alpha` > 0 (`train.mixup_alpha`)."""
-    if kind == "plain" and mixup_alpha > 0:
-        return Mixup(num_classes, mixup_alpha, label_smoothing)
-    if kind == "dynamic":
-        return DynamicBetaMixup(num_classes, dynmix.alpha_min, dynmix.alpha_max, power=dynmix.power,
-                                momentum=dynmix.momentum, label_smoothing=label_smoothing, counts=counts,
-                                difficulty=dynmix.difficulty)
-    return None
+def _key(params: Mapping, where: str):
+    section, key = where.split(".")
+    if not isinstance(params.get(section), Mapping) or key not in params[section]:
+        raise ParamError(f"{where}: missing (params.yaml lists every key)")
+    return params[section][key]
 
 
-def trained_variants(params: dict) -> list[str]:
-    """What the train stage writes under models/: `train.variants` (+ `finetune.variant` when enabled)."""
-    variants = list(train_config(params).variants)
-    finetune = finetune_config(params)
-    if finetune.enabled:
-        if finetune.variant in variants:
-            raise ParamError(f"finetune.variant: {finetune.variant!r} is also in train.variants; "
-                             "give it another name")
-        variants.append(finetune.variant)
+def trained_variants(params: Mapping) -> list[str]:
+    """What the train stage writes under models/: `train.variants` (+ `finetune.variant` when enabled).
+
+    It reads those three keys alone (evaluate's params in dvc.yaml); the train and finetune
+    sections are checked whole by mofe_ood.training.settings (`mofe train`, `mofe validate`).
+    """
+    variants, enabled = _key(params, "train.variants"), _key(params, "finetune.enabled")
+    if not isinstance(variants, list):
+        raise ParamError(f"train.variants: {variants!r} must be a non-empty list")
+    for v in variants:
+        check_choice("train.variants", v, VARIANTS)
+    variants = list(variants)
+    if enabled:
+        tuned = _key(params, "finetune.variant")
+        if tuned in variants:
+            raise ParamError(f"finetune.variant: {tuned!r} is also in train.variants; give it another name")
+        variants.append(tuned)
     return variants
 
 
@@ -145,7 +158,7 @@ def write_config(out: Path, cfg: dict) -> None:
     (out / "config.json").write_text(json.dumps({"format": FORMAT, **cfg}, indent=2) + "\n")
 
 
-def load_model(model_dir: str | Path) -> tuple[nn.Module, dict]:
+def load_head(model_dir: str | Path) -> tuple[nn.Module, dict]:
     """The trained head of `model_dir` in eval mode, and its config; `module(features)` returns
     dict(feature, logits[, router_logits, gates])."""
     model_dir = Path(model_dir)
@@ -190,7 +203,8 @@ def frozen_backbone(name: str, weights: str, image_size: int, seed: int) -> nn.M
 
 def save_image_model(out: Path, variant: str, model: FinetunedMoFE, split_features, splits: dict,
                      classes: list[str], spec: dict, params: dict, history: list[dict]) -> None:
-    """Write an image model into the empty folder `out` (the layout finetuning.py's docstring gives).
+    """Write an image model into the empty folder `out` (the layout finetuning.py's docstring gives),
+    all but history.csv (the training's record: its caller writes it).
 
     `split_features`: (split, routed features, labels) of every split; `splits`: info.json's
     split entries; `spec`: backbone, weights, image_size, mean, std, backbone_kwargs.
@@ -219,10 +233,9 @@ def save_image_model(out: Path, variant: str, model: FinetunedMoFE, split_featur
         "classes": classes, "groups": mofe_arch["groups"],
         "features": {"backbone": name, "weights": spec["weights"], "image_size": size, "feature_dim": dim},
         "params": params, "val_accuracy": history[-1]["val_accuracy"] if history else None})
-    write_history(out / "history.csv", history)
 
 
-def load_finetuned(model_dir: str | Path) -> tuple[FinetunedMoFE, dict]:
+def load_image_model(model_dir: str | Path) -> tuple[FinetunedMoFE, dict]:
     """The fine-tuned image model of `model_dir` (eval mode): images -> dict(feature, logits, ...)."""
     model_dir = Path(model_dir)
     cfg = json.loads((model_dir / "config.json").read_text())
@@ -237,7 +250,7 @@ def load_finetuned(model_dir: str | Path) -> tuple[FinetunedMoFE, dict]:
     return FinetunedMoFE(backbone, mofe).eval(), cfg
 
 
-# ---------------------------------------------------------------- heads on cached features
+# ---------------------------------------------------------------- what a variant gives on cached features
 
 @dataclass
 class Outputs:
@@ -269,7 +282,7 @@ def variant_outputs(variant: str, features_dir: Path, models_dir: Path, splits: 
     model_dir = models_dir / variant
     if not model_dir.is_dir():
         raise FileNotFoundError(f"evaluate.variants: no trained model for {variant!r} in {model_dir}")
-    model, _ = load_model(model_dir)
+    model, _ = load_head(model_dir)
     model.eval()
     out = {}
     with torch.inference_mode():
