@@ -21,11 +21,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mofe_ood import evaluate, extract, prepare, train
+from mofe_ood import evaluate, extract, prepare, train, variants
 from mofe_ood.backbones import Preprocess, preprocess
 from mofe_ood.params import load, merged
 from mofe_ood.splits import load_features, load_split
-from mofe_ood.training import finetuning, heads
+from mofe_ood.training import finetuning
 
 pytestmark = pytest.mark.slow
 
@@ -130,7 +130,7 @@ def test_history_has_the_three_phases_with_finite_losses(full_run):
 def test_phase_one_fine_tunes_the_whole_backbone_and_the_experts_train_apart(full_run):
     root, _, _, _, seen = full_run
     out = root / "models" / "mofe_finetune"
-    model, _ = heads.load_finetuned(out)
+    model, _ = variants.load_image_model(out)
     initial, tuned = seen["initial"], model.backbone.state_dict()
     for k in ("blocks.0.attn.qkv.weight", "blocks.11.mlp.fc1.weight", "patch_embed.proj.weight"):
         assert not torch.equal(initial[k], tuned[k]), k  # layer decay shrinks the lower blocks' lr, not to 0
@@ -153,7 +153,7 @@ def test_phase_three_trains_the_router_alone(full_run):
 def test_the_saved_model_loads_back_and_predicts_as_the_trained_one(full_run):
     root, _, _, _, seen = full_run
     out = root / "models" / "mofe_finetune"
-    loaded, cfg = heads.load_finetuned(out)
+    loaded, cfg = variants.load_image_model(out)
     x, _ = image_batch(root, "val", cfg)
     trained = seen["model"].eval()
     with torch.no_grad():
