@@ -11,7 +11,7 @@ def evaluate(base: str, train: str, finetune: str, evaluate: str, register: str,
              results: Output[Markdown], roc: Output[ClassificationMetrics], plots: Output[HTML]):
     """Write the reports folder (metrics.json, scores, plots), and what the KFP UI renders:
     the headline numbers (the variant `register.variant` at its default score and the best
-    other variant/score), results.md, that variant's ROC curve and every plot."""
+    other variant/score on validation), results.md, that variant's ROC curve and every plot."""
     from mofe_ood import evaluate as stage
     from mofe_ood import report
 
@@ -23,8 +23,9 @@ def evaluate(base: str, train: str, finetune: str, evaluate: str, register: str,
     from mofe_ood.registry.gate import registered_variant
 
     variant = registered_variant(params["register"]["variant"], reports.path)  # auto: chosen on validation
-    thresholds = json.loads((Path(reports.path) / "thresholds.json").read_text())
-    for name, value in report.dashboard(all_metrics, thresholds, variant).items():
+    thresholds, val_metrics = (json.loads((Path(reports.path) / f).read_text())
+                               for f in ("thresholds.json", "metrics_val.json"))
+    for name, value in report.dashboard(all_metrics, val_metrics, thresholds, variant).items():
         if isinstance(value, str):
             metrics.metadata[name] = value
         else:

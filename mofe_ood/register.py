@@ -47,6 +47,7 @@ from typing import Any
 
 from mofe_ood.config import section
 from mofe_ood.errors import UserError
+from mofe_ood.headline import numbers
 from mofe_ood.params import ParamError, check_number
 from mofe_ood.registry.gate import (CHALLENGER, CHAMPION, Candidate, Decision, candidate, decide, gate_metric,
                                     registered_variant)
@@ -309,7 +310,7 @@ def _log_run(params: dict, entry: dict, info: dict, reports_dir: Path, new: Cand
     metrics_all = _read_json(reports_dir / "metrics.json")
     mlflow.log_metrics({_metric_key(k): float(v) for k, v in flatten(metrics_all).items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
-    mlflow.log_metrics({k: v for k, v in reported_numbers(entry, new.score).items() if v is not None})
+    mlflow.log_metrics(numbers(entry, new.score))  # the test parts' (headline.json's); the gate read validation's
     where = {k: v for k, v in (lineage or {}).items() if v} or dvc_hashes()
     mlflow.set_tags({**git_state(), **where, "variant": new.variant, "score": new.score,
                      "backbone": info["backbone"], "image_size": str(info["image_size"])})
@@ -325,14 +326,6 @@ def _metric_key(name: str) -> str:
     return re.sub(r"[^\w\-. /]", "_", name)
 
 
-def reported_numbers(entry: dict, score: str) -> dict[str, float | None]:
-    """The test parts' ID accuracy and near / far AUROC and FPR95 of `score` (None where absent):
-    logged and tagged with a version for people to read; the gate reads validation numbers."""
-    m = entry.get(score) or {}
-    return {"id_accuracy": entry.get("id_accuracy"),
-            **{f"{g}_{k}": (m.get(g) or {}).get(k) for g in ("near", "far") for k in ("auroc", "fpr95")}}
-
-
 def _version_tags(new: Candidate, entry: dict, info: dict, digest: str, decision: Decision,
                   params: dict) -> dict[str, str]:
     source = ((params.get("prepare") or {}).get("id") or {}).get("source", "?")
@@ -343,9 +336,8 @@ def _version_tags(new: Candidate, entry: dict, info: dict, digest: str, decision
             "reason": f"gate: {decision.reason}"}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
-    for key, value in reported_numbers(entry, new.score).items():  # the test parts' numbers: shown, not gated on
-        if value is not None:
-            tags[key if key != "id_accuracy" else "test_id_accuracy"] = f"{value:.6f}"
+    for key, value in numbers(entry, new.score).items():  # the test parts' numbers: shown, not gated on
+        tags[key if key != "id_accuracy" else "test_id_accuracy"] = f"{value:.6f}"
     return tags
 
 

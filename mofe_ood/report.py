@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mofe_ood.headline import numbers
 from mofe_ood.params import ParamError
 from mofe_ood.splits import GROUPS, ID_SPLITS
 
@@ -28,24 +29,20 @@ def seeds_table(seeds: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def dashboard(all_metrics: dict, thresholds: dict, variant: str) -> dict[str, float]:
-    """What a dashboard shows: `variant` at its default score, and the best other (variant,
-    score) by near AUROC, each as near/far AUROC and FPR95 and ID accuracy (flat keys)."""
-    def numbers(v: str, score: str) -> dict[str, float]:
-        m = all_metrics[v][score]
-        out = {f"{g}_{k}": m[g][k] for g in GROUPS for k in ("auroc", "fpr95") if g in m}
-        if all_metrics[v].get("id_accuracy") is not None:
-            out["id_accuracy"] = all_metrics[v]["id_accuracy"]
-        return out
-
+def dashboard(all_metrics: dict, val_metrics: dict, thresholds: dict, variant: str) -> dict[str, float | str]:
+    """What a dashboard shows (flat keys): `variant` at its default score, and the best other
+    (variant, score) on validation (`evaluate.selection`'s objective in metrics_val.json, as
+    every other choice), each with its test numbers (headline.numbers). Picking the baseline
+    by its test AUROC would report a winner's-curse number."""
     if variant not in thresholds:
         raise ParamError(f"{variant!r} was not evaluated (evaluated: {', '.join(thresholds)})")
-    out = {f"{variant}/{k}": v for k, v in numbers(variant, thresholds[variant]["score"]).items()}
-    others = [(v, s) for v, entry in all_metrics.items() if v != variant
-              for s, m in entry.items() if s != "id_accuracy" and "near" in m]
+    out: dict[str, float | str] = {f"{variant}/{k}": v for k, v in
+                                   numbers(all_metrics[variant], thresholds[variant]["score"]).items()}
+    others = [(v, s) for v, entry in val_metrics.items() if v != variant and v in all_metrics
+              for s, m in entry.items() if isinstance(m, dict) and m.get("selection") is not None]
     if others:
-        v, s = max(others, key=lambda vs: all_metrics[vs[0]][vs[1]]["near"]["auroc"])
-        out.update({f"best_baseline/{k}": x for k, x in numbers(v, s).items()})
+        v, s = max(others, key=lambda vs: val_metrics[vs[0]][vs[1]]["selection"])
+        out.update({f"best_baseline/{k}": x for k, x in numbers(all_metrics[v], s).items()})
         out["best_baseline/name"] = f"{v}/{s}"
     return out
 

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mofe_ood import train
+from mofe_ood import train, variants
 from mofe_ood.params import ParamError, merged
-from mofe_ood import variants
 from mofe_ood.training import finetuning, loop
 
 @pytest.fixture(scope="module")
@@ -121,3 +120,27 @@ def test_fine_tuning_an_efficientnet_in_the_train_stage_is_refused_before_traini
     p = merged(finetune_params(enabled=True), {"extract": {"backbone": "tf_efficientnet_lite0"}})
     with pytest.raises(ParamError, match="finetune.enabled"):
         train.run(p, tmp_path / "no-features", tmp_path / "models")
+
+
+@pytest.mark.parametrize("accuracy_from", ["val", "train"])
+def test_fine_tuning_dynmix_reads_the_accuracy_of_train_dynmix_accuracy_from(accuracy_from, monkeypatch,
+                                                                            finetune_params):
+    # Validation logits are all wrong, the model's training-image logits all right: the per-class
+    # accuracy Dynamic-β reads is 0 from `val` and 1 from `train` (the images themselves are not
+    # run: a unit test of which split is read).
+    from types import SimpleNamespace
+
+    from mofe_ood.splits import Images
+    from mofe_ood.training.settings import finetune_config, train_config
+
+    params = merged(finetune_params(), {"train": {"dynmix": {"accuracy_from": accuracy_from}}})
+    y_train, y_val = np.array([0, 1, 2, 2]), np.array([0, 1, 2])
+    model = SimpleNamespace(mofe=SimpleNamespace(num_classes=3))
+    task = finetuning.FinetuneTask(model, Images(y_train, images=np.zeros((4, 8, 8), np.uint8)),
+                                   Images(y_val, images=np.zeros((3, 8, 8), np.uint8)), None, "cpu", None, None,
+                                   finetune_config(params), train_config(params))
+    right = torch.nn.functional.one_hot(torch.from_numpy(y_train), 3).float()
+    monkeypatch.setattr(finetuning, "predict", lambda model, images, *a, **k: (right, None))
+    wrong = torch.nn.functional.one_hot(torch.from_numpy((y_val + 1) % 3), 3).float()
+    accuracy = task.mixup_accuracy(None, wrong)
+    assert accuracy.tolist() == ([0.0, 0.0, 0.0] if accuracy_from == "val" else [1.0, 1.0, 1.0])

@@ -492,7 +492,10 @@ def test_local_run_writes_the_metrics_dvc_repro_writes(local_run, tiny_project, 
     variant = tiny_variant
     assert metrics["metadata"][f"{variant}/near_auroc"] == got[variant]["knn"]["near"]["auroc"]
     assert metrics["metadata"][f"{variant}/id_accuracy"] == got[variant]["id_accuracy"]
-    assert metrics["metadata"]["best_baseline/name"].startswith("frozen/")
+    val = json.loads((run / "evaluate" / "reports" / "metrics_val.json").read_text())
+    best = max(((v, s) for v in val if v != variant for s, m in val[v].items() if isinstance(m, dict)
+                and "selection" in m), key=lambda vs: val[vs[0]][vs[1]]["selection"])
+    assert metrics["metadata"]["best_baseline/name"] == "/".join(best)  # chosen on validation
     assert len(metrics["metadata"]) < 20
     (roc,) = logged["roc"]["artifacts"]
     curve = roc["metadata"]["confidenceMetrics"]

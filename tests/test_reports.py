@@ -60,3 +60,22 @@ def test_evaluate_prints_one_line_per_variant_not_the_metrics(tiny_project, tiny
     assert cli.main(["evaluate"]) == 0
     printed = capsys.readouterr().out
     assert printed.strip() == "\n".join(lines) and len(printed) < 100 * len(lines)
+
+
+def test_dashboard_names_the_best_baseline_on_validation_not_on_test():
+    # b/energy wins on test (0.90) but a/knn on validation (0.80 vs 0.60): the dashboard must show
+    # a/knn, with a/knn's test numbers, as every other choice reads validation only.
+    def entry(near):
+        return {"near": {"auroc": near, "fpr95": 1 - near}, "far": {"auroc": 0.95, "fpr95": 0.2}}
+
+    test = {"ours": {"id_accuracy": 0.9, "knn": entry(0.7)},
+            "a": {"id_accuracy": 0.8, "knn": entry(0.75), "energy": entry(0.5)},
+            "b": {"id_accuracy": 0.85, "knn": entry(0.6), "energy": entry(0.9)}}
+    val = {"ours": {"knn": {"selection": 0.99}},
+           "a": {"id_accuracy": 0.8, "knn": {"selection": 0.80}, "energy": {"selection": 0.5}},
+           "b": {"knn": {"selection": 0.55}, "energy": {"selection": 0.60}}}
+    thresholds = {v: {"score": "knn"} for v in test}
+    shown = report.dashboard(test, val, thresholds, "ours")
+    assert shown["best_baseline/name"] == "a/knn"
+    assert shown["best_baseline/near_auroc"] == 0.75 and shown["best_baseline/id_accuracy"] == 0.8
+    assert shown["ours/near_auroc"] == 0.7 and shown["ours/far_fpr95"] == 0.2

@@ -186,7 +186,12 @@ class FinetuneTask:
         return predict(self.model, self.val, self.prep, self.device, self.cfg, step)[0]
 
     def mixup_accuracy(self, step: Step, val_logits: torch.Tensor) -> np.ndarray:
-        return per_class_accuracy(val_logits, self.y_val, self.model.mofe.num_classes)
+        num_classes = self.model.mofe.num_classes
+        if self.tcfg.dynmix.accuracy_from == "val":
+            return per_class_accuracy(val_logits, self.y_val, num_classes)
+        # `train`: one more pass over the training images an epoch (as the cached heads do).
+        return per_class_accuracy(predict(self.model, self.train, self.prep, self.device, self.cfg, step)[0],
+                                  self.y_train, num_classes)
 
 
 def run(params: dict, prepared_dir: str | Path, models_dir: str | Path) -> dict:
