@@ -24,11 +24,27 @@ def runtime(params: dict, name: str) -> dict:
     return merged(params, {"extract": {"runtime": name}})
 
 
-def test_onnxruntime_features_and_trunk_equal_torchs_to_1e_4(prepared):
+def run_with_threads(params: dict, threads: int, prepared_dir, out_dir) -> None:
+    """extract.run with extract.num_threads, torch's count restored after (it sets it for the process)."""
+    before = torch.get_num_threads()
+    try:
+        extract.run(merged(params, {"extract": {"num_threads": threads}}), prepared_dir, out_dir)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def extracted(prepared):
+    """The prepared splits extracted on each runtime (onnxruntime with 1 thread: see the next tests)."""
     params, root = prepared
+    run_with_threads(runtime(params, "onnxruntime"), 1, root / "prepared", root / "onnxruntime")
+    extract.run(runtime(params, "torch"), root / "prepared", root / "torch")
+    return params, root
+
+
+def test_onnxruntime_features_and_trunk_equal_torchs_to_1e_4(extracted):
+    params, root = extracted
     assert params["extract"]["weights"] == "package" and params["extract"]["top_blocks"] == 1
-    for name in ("onnxruntime", "torch"):
-        extract.run(runtime(params, name), root / "prepared", root / name)
     for split in SPLITS:
         want, labels = load_features(root / "torch", split)
         got, got_labels = load_features(root / "onnxruntime", split)
@@ -43,8 +59,19 @@ def test_onnxruntime_features_and_trunk_equal_torchs_to_1e_4(prepared):
         np.testing.assert_allclose(got_trunk, want_trunk, rtol=2 ** -10, atol=1e-4 * np.abs(want_trunk).max())
 
 
-def test_sharded_extraction_on_onnxruntime_equals_unsharded(prepared, tmp_path):
-    params, root = prepared
+def test_onnxruntime_gives_the_same_bytes_on_any_thread_count(extracted, tmp_path):
+    """DVC tracks data/features: a host with more cores must not change them (ONNX Runtime splits
+    a convolution's outputs between threads, never one sum)."""
+    params, root = extracted
+    run_with_threads(runtime(params, "onnxruntime"), 3, root / "prepared", tmp_path / "three")
+    for split in SPLITS:
+        a, b = np.load(root / "onnxruntime" / f"{split}.npz"), np.load(tmp_path / "three" / f"{split}.npz")
+        for key in ("features", "labels", "trunk"):
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_sharded_extraction_on_onnxruntime_equals_unsharded(extracted, tmp_path):
+    params, root = extracted
     params = merged(runtime(params, "onnxruntime"), {"extract": {"shards": 2}})
     extract.run(params, root / "prepared", tmp_path / "whole")
     shards = [tmp_path / f"shard{i}" for i in range(2)]

@@ -12,6 +12,7 @@ during its timed passes (Linux: the peak is reset before each; elsewhere the pro
 
 import argparse
 import dataclasses
+import functools
 import resource
 from pathlib import Path
 import statistics
@@ -22,7 +23,6 @@ import torch
 
 from mofe_ood import extract
 from mofe_ood import params as params_mod
-from mofe_ood.backbones import features_and_trunk_of
 from mofe_ood.cli import parse_set
 from mofe_ood.splits import Images
 
@@ -60,9 +60,7 @@ def main(argv: list[str]) -> int:
         forward = extract.forward(dataclasses.replace(cfg, runtime=runtime), model, prep.image_size)
         if forward is None and runtime != "torch":
             raise SystemExit("extract.runtime: onnxruntime resolved to torch here (a CUDA device?)")
-        passes[runtime] = (lambda rows=None, forward=forward: features_and_trunk_of(
-            model, images, prep, cfg.batch_size, rows=rows, top_blocks=cfg.top_blocks, forward=forward,
-            channels_last=forward is None))
+        passes[runtime] = functools.partial(extract.featurise, cfg, model, prep, forward, images)
         passes[runtime](range(min(cfg.batch_size, args.images)))  # warm-up
         if runtime != "torch":
             print(f"{runtime}: export, check and session {time.perf_counter() - start:.1f} s, "
