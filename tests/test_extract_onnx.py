@@ -60,8 +60,7 @@ def test_onnxruntime_features_and_trunk_equal_torchs_to_1e_4(extracted):
 
 
 def test_onnxruntime_gives_the_same_bytes_on_any_thread_count(extracted, tmp_path):
-    """DVC tracks data/features: a host with more cores must not change them (ONNX Runtime splits
-    a convolution's outputs between threads, never one sum)."""
+    """DVC tracks data/features: a host with more cores must not change them."""
     params, root = extracted
     run_with_threads(runtime(params, "onnxruntime"), 3, root / "prepared", tmp_path / "three")
     for split in SPLITS:
