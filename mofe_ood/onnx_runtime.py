@@ -66,10 +66,14 @@ def export(backbone: torch.nn.Module, image_size: int, top_blocks: int = 0, para
     x = x.to(next(backbone.parameters()).device)
     names = ["features", "trunk"] if top_blocks else ["features"]
     batch = torch.export.Dim("batch", min=1, max=4096)
-    with torch.no_grad():
-        program = torch.onnx.export(model, (x,), input_names=["images"], output_names=names,
-                                    dynamic_shapes={"x": {0: batch}}, dynamo=True, optimize=True,
-                                    verbose=False)
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(model, (x,), input_names=["images"], output_names=names,
+                                        dynamic_shapes={"x": {0: batch}}, dynamo=True, optimize=True,
+                                        verbose=False)
+    except Exception as err:  # an architecture the exporter cannot take: say what to set instead
+        raise RuntimeError(f"the ONNX export of the backbone failed ({type(err).__name__}: {err}); "
+                           f"set {param}: torch") from err
     proto = program.model_proto
     for node in proto.graph.node:  # the exporter's debug notes hold source paths: same model, other bytes
         del node.metadata_props[:]
