@@ -30,8 +30,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from mofe_ood import atomic
-from mofe_ood import onnx_runtime
+from mofe_ood import atomic, onnx_runtime
 from mofe_ood.backbones import (DEVICES, Preprocess, check, check_top_blocks, create_backbone,
                                 features_and_trunk_of, for_inference, preprocess_config, torch_device)
 from mofe_ood.config import base, section

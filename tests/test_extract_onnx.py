@@ -87,6 +87,22 @@ def test_sharded_extraction_on_onnxruntime_equals_unsharded(extracted, tmp_path)
             np.testing.assert_array_equal(a[key], b[key])
 
 
+def test_an_export_that_differs_from_torch_fails_the_stage_and_says_what_to_set(prepared, tmp_path, monkeypatch):
+    """Unit check of the export's check: the session's trunk moved by 1e-3 of its largest value."""
+    params, root = prepared
+    real = extract.onnx_runtime.Session.outputs
+
+    def moved(self, x):
+        features, trunk = real(self, x)
+        return features, trunk + 1e-3 * trunk.abs().max()
+
+    monkeypatch.setattr(extract.onnx_runtime.Session, "outputs", moved)
+    with pytest.raises(RuntimeError, match=r"the ONNX export of the backbone's trunk differs from torch by "
+                                           r"[0-9.e-]+ \(allowed [0-9.e-]+\); set extract.runtime: torch"):
+        extract.run(runtime(params, "onnxruntime"), root / "prepared", tmp_path / "features")
+    assert not (tmp_path / "features").exists()
+
+
 def test_runtime_auto_is_onnxruntime_on_the_cpu_only_where_it_is_installed(small_run, monkeypatch):
     cfg = extract.config(small_run())
     assert cfg.runtime == "auto"
