@@ -210,6 +210,21 @@ def pooled_from_trunk(model: nn.Module, trunk: torch.Tensor, top_blocks: int) ->
     return model.forward_head(x, pre_logits=True)
 
 
+def forward_of(model: nn.Module, top_blocks: int = 0):
+    """The one pass of extraction: images -> (pooled features, the trunk's activations or None).
+
+    With `top_blocks` the features are computed from the trunk (the top, then the pooling),
+    so both come from the same pass; the ONNX graph extraction runs is this too (onnx_runtime.py).
+    """
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not top_blocks:
+            return pooled_features(model, x), None
+        trunk = trunk_of(model, x, top_blocks)
+        return pooled_from_trunk(model, trunk, top_blocks), trunk
+
+    return forward
+
+
 def _conv_bn_pairs(root: nn.Module):
     """(parent, conv, bn name, bn) for each Conv2d directly followed by an inference-ready BatchNorm2d
     among the children of one module."""
@@ -257,30 +272,33 @@ def for_inference(model: nn.Module, image_size: int) -> nn.Module:
 
 # ---------------------------------------------------------------- images -> features
 
-def preprocess(images: np.ndarray | torch.Tensor, prep: Preprocess) -> torch.Tensor:
+def preprocess(images: np.ndarray | torch.Tensor, prep: Preprocess, channels_last: bool = True) -> torch.Tensor:
     """uint8 images (N x H x W gray or N x H x W x 3) -> normalised float N x 3 x S x S.
 
     Gray is replicated to RGB; resizing is bilinear with antialiasing, batched.
+    `channels_last`: the torch backbones' memory format; False: plain NCHW (what ONNX Runtime takes).
     """
     x = torch.as_tensor(images)
     if x.ndim == 3:
         x = x.unsqueeze(-1)
     x = x.permute(0, 3, 1, 2).float().div_(255)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
     if x.shape[-2:] != (prep.image_size, prep.image_size):
+        # gray stays one channel until the normalisation broadcasts it to three: a third of the work,
+        # the same values (each channel is resized alone)
         x = F.interpolate(x, size=(prep.image_size, prep.image_size), mode="bilinear",
                           antialias=True, align_corners=False)
     mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
     std = torch.tensor(prep.std).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+    out = torch.empty((x.shape[0], 3, *x.shape[-2:]),
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return torch.sub(x, mean, out=out).div_(std)  # in place: (x - mean) / std without a temporary
 
 
-def image_batch(images: Images, start: int, stop: int, prep: Preprocess) -> torch.Tensor:
+def image_batch(images: Images, start: int, stop: int, prep: Preprocess, channels_last: bool = True) -> torch.Tensor:
     """Rows [start, stop) of `images`, preprocessed (file images are resized while decoding)."""
-    if images.images is not None:
-        return preprocess(images.images[start:stop], prep)
-    return preprocess(np.stack([load_rgb(p, size=prep.image_size) for p in images.paths[start:stop]]), prep)
+    rows = images.images[start:stop] if images.images is not None else np.stack(
+        [load_rgb(p, size=prep.image_size) for p in images.paths[start:stop]])
+    return preprocess(rows, prep, channels_last)
 
 
 def features_of(model: nn.Module, images: Images, prep: Preprocess, batch_size: int,
@@ -291,23 +309,26 @@ def features_of(model: nn.Module, images: Images, prep: Preprocess, batch_size: 
 
 @torch.inference_mode()
 def features_and_trunk_of(model: nn.Module, images: Images, prep: Preprocess, batch_size: int,
-                          desc: str = "", rows: range | None = None,
-                          top_blocks: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+                          desc: str = "", rows: range | None = None, top_blocks: int = 0,
+                          forward=None, channels_last: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """(pooled features float32, the trunk's activations float16 or None when `top_blocks` is 0),
-    from one pass: the trunk is what the block experts of the train stage read."""
+    from one pass: the trunk is what the block experts of the train stage read.
+
+    `forward`: the pass to run instead of `forward_of(model, top_blocks)` (extract's ONNX
+    Runtime session, given NCHW batches: `channels_last` False); it returns the same pair.
+    """
     rows = rows if rows is not None else range(len(images))
     device = next(model.parameters()).device
+    forward = forward or forward_of(model, top_blocks)
     out, trunks = [], []
     for start in tqdm(range(rows.start, rows.stop, batch_size), desc=desc, unit="batch",
                       leave=False, disable=None):
-        x = image_batch(images, start, min(start + batch_size, rows.stop), prep).to(device)
+        x = image_batch(images, start, min(start + batch_size, rows.stop), prep, channels_last).to(device)
+        feats, trunk = forward(x)
+        out.append(feats.float().cpu().numpy())
         if top_blocks:
-            trunk = trunk_of(model, x, top_blocks)
-            out.append(pooled_from_trunk(model, trunk, top_blocks).float().cpu().numpy())
             # float16 halves the cache; the top's output moves by ~1e-4 relative (tested)
             trunks.append(trunk.half().cpu().numpy())
-        else:
-            out.append(pooled_features(model, x).float().cpu().numpy())
     dim = int(model.num_features)
     feats = np.concatenate(out) if out else np.zeros((0, dim), np.float32)
     if not top_blocks:

@@ -62,11 +62,15 @@ def test_features_layout(tiny):
 
 def test_extraction_is_deterministic(tiny, tmp_path):
     params, root, _ = tiny
+    # the default runtime (auto) is ONNX Runtime on this CPU: a new export and session, the same arrays
+    assert extract.runtime_of(extract.config(params), torch.device("cpu")) == "onnxruntime"
     extract.run(params, root / "prepared", tmp_path / "again")
     for name in ("train", "textile"):
         a = np.load(root / "features" / f"{name}.npz")
         b = np.load(tmp_path / "again" / f"{name}.npz")
-        np.testing.assert_array_equal(a["features"], b["features"])
+        assert sorted(a.files) == sorted(b.files) == ["features", "labels", "trunk"]
+        for key in a.files:
+            np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_image_files_give_the_same_features_as_arrays(tiny, tmp_path):
@@ -91,6 +95,7 @@ def test_bad_extract_params_keep_earlier_features(tiny):
              ({"batch_size": 0}, "extract.batch_size: 0"),
              ({"device": "gpu"}, "extract.device: 'gpu' is not one of 'auto', 'cpu', 'cuda'"),
              ({"num_threads": 0}, "extract.num_threads: 0 is below the minimum 1"),
+             ({"runtime": "tensorrt"}, "extract.runtime: 'tensorrt' is not one of 'auto', 'onnxruntime', 'torch'"),
              ({"top_blocks": 7}, r"extract.top_blocks: 7 must be an integer between 1 and 6 \(the backbone has 7"),
              ({"image_sise": 64}, r"extract.image_sise: not a known key \(did you mean extract.image_size\?\)")]
     if not torch.cuda.is_available():

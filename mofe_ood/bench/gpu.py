@@ -109,7 +109,7 @@ def time_extract(name: str, image_size: int, batch_size: int, steps: int, warmup
 
     model, _ = backbone(Extract(backbone=MODELS.get(name, name), weights="random", image_size=image_size,
                                 batch_size=batch_size, num_threads=None, shards=1, device="auto", gpus=0,
-                                top_blocks=0))
+                                top_blocks=0, runtime="torch"))
     device = next(model.parameters()).device
     x = torch.randn(batch_size, 3, image_size, image_size).to(device)
     seconds, _, peak = _timed(torch.inference_mode()(lambda: pooled_features(model, x)), steps, warmup, device)
