@@ -213,9 +213,12 @@ def test_a_push_cut_by_a_server_crash_completes_after_restart(seaweedfs, tmp_pat
         push.send_signal(signal.SIGINT)
         try:
             output, _ = push.communicate(timeout=30)
-        except subprocess.TimeoutExpired:  # on busy cores DVC may sit in a retry: Ctrl-C again, as a user would
-            push.send_signal(signal.SIGINT)
-            output, _ = push.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            # DVC sometimes ignores Ctrl-C while it retries against the dead server (seen in the
+            # full suite, not alone): the user kills it then. Either way the push is cut short,
+            # which is what the rest of the test needs.
+            push.kill()
+            output, _ = push.communicate(timeout=30)
     finally:
         if push.poll() is None:
             push.kill()
