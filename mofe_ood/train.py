@@ -4,7 +4,9 @@ Variants (`train.variants`, mofe_ood/variants.py): on the pooled frozen features
 `linear`, `mlp`, `mofe` and `mofe_dynmix` (MLP experts, ours); on the cached trunk
 activations (extract.top_blocks) `top` (the backbone's top fine-tuned, no experts),
 `mofe_block` and `mofe_block_dynmix` (the paper's MoFE: copies of the top as
-experts, + Dynamic-β Mixup: the method); with `finetune.enabled`
+experts, + Dynamic-β Mixup: the method; in phases, both start phase 2 from `top`,
+trained once per seed, as the paper's experts start from its fine-tuned baseline;
+`top` is trained even when not listed); with `finetune.enabled`
 also the fine-tuned MoFE on images (training/finetuning.py), as
 `finetune.variant`, after the heads. The training itself is the library's
 (mofe_ood/training/); this module reads params and folders and writes outputs.
@@ -34,6 +36,7 @@ process's up to float rounding. Rank 0 writes the outputs.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -53,7 +56,7 @@ from mofe_ood.params import ParamError
 from mofe_ood.training import distributed, finetuning
 from mofe_ood.splits import load_features, load_trunk
 from mofe_ood.training.data import load_data, load_trunk_data
-from mofe_ood.training.head_training import train_variant
+from mofe_ood.training.head_training import TOP, train_sharing_phase_one
 from mofe_ood.training.history import history_markdown, write_history
 from mofe_ood.training.settings import TrainConfig, finetune_config, train_config
 from mofe_ood.variants import (TRUNK_VARIANTS, VARIANTS, FinetunedMoFE, frozen_backbone, save_image_model,
@@ -108,14 +111,16 @@ def run(params: dict, features_dir: str | Path = "data/features", models_dir: st
             try:
                 if cfg.num_threads:
                     torch.set_num_threads(cfg.num_threads)
+                phase_one = {}  # seed -> `top`, phase 1 of the routed trunk variants: trained once
                 for variant in cfg.variants:
                     # base.seed's model is the variant's; each of train.seeds adds one under seeds/<seed>/
                     for run_seed in (seed, *cfg.seeds):
-                        where = variant if run_seed == seed else f"{variant}/seeds/{run_seed}"
-                        ckpt_dir = Path(cfg.checkpoint_dir) / where if cfg.checkpoint_dir else None
+                        where = _where(variant, run_seed, seed)
+                        ckpt_dir = functools.partial(_checkpoint_dir, cfg.checkpoint_dir, run_seed, seed)
                         start = time.perf_counter()
-                        model, arch, history = train_variant(variant, cfg, data, run_seed, ckpt_dir, world, trunk,
-                                                             backbone, backbone_spec)
+                        model, arch, history = train_sharing_phase_one(
+                            variant, cfg, data, run_seed, ckpt_dir, phase_one, world=world, trunk=trunk,
+                            backbone=backbone, backbone_spec=backbone_spec)
                         if world.main and VARIANTS[variant].trunk:
                             _write_trunk_variant(tmp / where, variant, model, backbone, history, cfg, run_seed,
                                                  features_dir, info)
@@ -131,11 +136,20 @@ def run(params: dict, features_dir: str | Path = "data/features", models_dir: st
         if world.main:
             (tmp / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     if world.main and cfg.checkpoint_dir:  # finished: the checkpoints have served
-        for variant in cfg.variants:  # (seeds/ of train.seeds lie inside each variant's folder)
+        for variant in {*cfg.variants, TOP}:  # (seeds/ of train.seeds lie inside each variant's folder)
             shutil.rmtree(Path(cfg.checkpoint_dir) / variant, ignore_errors=True)
     world.barrier()  # the other ranks leave once rank 0 has written
     distributed.shutdown(world)
     return summary
+
+
+def _where(variant: str, run_seed: int, seed: int) -> str:
+    """A variant's folder under models/ (and checkpoint_dir/): base.seed's, or seeds/<seed>/ in it."""
+    return variant if run_seed == seed else f"{variant}/seeds/{run_seed}"
+
+
+def _checkpoint_dir(root: str | None, run_seed: int, seed: int, variant: str) -> Path | None:
+    return Path(root) / _where(variant, run_seed, seed) if root else None
 
 
 def _write_variant(out: Path, variant: str, model, arch: dict, history: list[dict], cfg: TrainConfig,

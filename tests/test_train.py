@@ -178,7 +178,7 @@ def test_bad_params_fail_before_training_naming_the_param(features, tmp_path, mo
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(train, "train_variant", no_training)
+    monkeypatch.setattr(train, "train_sharing_phase_one", no_training)
     with pytest.raises(ParamError, match=name.replace(".", r"\.")):
         train.run(train_params(**override), features, tmp_path / "models")
     assert not (tmp_path / "models").exists()
@@ -279,7 +279,7 @@ def trunk_run(tmp_path_factory, prepared_images, train_params):
     from mofe_ood import extract
 
     root = tmp_path_factory.mktemp("trunk")
-    params = train_params(variants=["top", "mofe_block_dynmix"], batch_size=16, mofe={"num_experts": 2},
+    params = train_params(variants=["mofe_block", "top", "mofe_block_dynmix"], batch_size=16, mofe={"num_experts": 2},
                           top={"epochs": 2, "expert_epochs": 1, "router_epochs": 1, "lr": 1e-3})
     params["extract"].update(weights="random", image_size=32, batch_size=16, top_blocks=1)
     data = prepared_images(root / "prepared")
@@ -298,7 +298,7 @@ def test_trunk_variants_train_the_three_phases_on_cached_activations(trunk_run):
     phases = [r["phase"] for r in history(root / "models" / "mofe_block_dynmix" / "history.csv")]
     assert phases == ["base", "base", "expert0", "expert1", "router"]
     assert [r["phase"] for r in history(root / "models" / "top" / "history.csv")] == ["base", "base"]
-    assert set(summary) == {"top", "mofe_block_dynmix"}
+    assert set(summary) == {"top", "mofe_block", "mofe_block_dynmix"}
     # An image model: the frozen trunk + the trained experts, its routed features in features/.
     model, cfg = variants.load_image_model(root / "models" / "mofe_block_dynmix")
     assert cfg["finetuned"]["mofe"]["top_blocks"] == 1 and len(model.mofe.experts) == 2
@@ -318,6 +318,54 @@ def test_trunk_variants_train_the_three_phases_on_cached_activations(trunk_run):
     np.testing.assert_allclose(served.numpy(), cached, rtol=0, atol=2e-3 * np.abs(cached).max())
     head, _ = variants.load_head(root / "models" / "mofe_block_dynmix")
     assert head(torch.from_numpy(cached))["logits"].shape == (len(cached), 4)
+
+
+def test_the_routed_trunk_variants_start_phase_2_from_top(trunk_run):
+    """The paper's experts start from the fine-tuned baseline: both MoFE variants' phase 1 is `top`
+    (listed after one of them), so their ablation differs in phase 2's mixup alone. Phase 2 and 3
+    leave the classifier alone: it stays top's, to the bit."""
+    root = trunk_run[0]
+    model = {v: variants.load_image_model(root / "models" / v)[0] for v in ("top", "mofe_block", "mofe_block_dynmix")}
+    keys = ("phase", "loss", "lr", "val_accuracy")
+    top_rows = [{k: r[k] for k in keys} for r in history(root / "models" / "top" / "history.csv")]
+    for v in ("mofe_block", "mofe_block_dynmix"):
+        torch.testing.assert_close(model[v].mofe.classifier.weight, model["top"].mofe.classifier.weight,
+                                   rtol=0, atol=0)
+        rows = history(root / "models" / v / "history.csv")
+        assert [{k: r[k] for k in keys} for r in rows[:2]] == top_rows
+        assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5]
+    # ...and then trained apart: the experts differ between the two variants
+    a, b = model["mofe_block"].mofe.experts[0].state_dict(), model["mofe_block_dynmix"].mofe.experts[0].state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("training", ["phased", "joint"])
+def test_top_is_trained_once_per_seed_and_only_for_phased_routed_trunk_variants(monkeypatch, train_params,
+                                                                              training):
+    from mofe_ood.training import head_training
+    from mofe_ood.training.settings import train_config
+
+    calls = []
+
+    def fake_train(variant, cfg, data, seed, ckpt_dir, base=None, **inputs):
+        calls.append((variant, seed, None if base is None else base[0]))
+        return f"{variant}@{seed}", {}, []
+
+    monkeypatch.setattr(head_training, "train_variant", fake_train)
+    cfg, phase_one = train_config(train_params(mofe={"training": training})), {}
+    for variant in ["mofe_block", "linear", "top", "mofe_block_dynmix"]:
+        for seed in (0, 1):
+            model, _, _ = head_training.train_sharing_phase_one(variant, cfg, None, seed, lambda name: None,
+                                                                phase_one)
+            assert model == (f"top@{seed}" if variant == "top" else f"{variant}@{seed}")
+    if training == "phased":
+        assert calls == [("top", 0, None), ("mofe_block", 0, "top@0"), ("top", 1, None), ("mofe_block", 1, "top@1"),
+                         ("linear", 0, None), ("linear", 1, None),
+                         ("mofe_block_dynmix", 0, "top@0"), ("mofe_block_dynmix", 1, "top@1")]
+    else:  # joint: no phase 1 to share; `top` itself is still trained once per seed
+        assert calls == [("mofe_block", 0, None), ("mofe_block", 1, None), ("linear", 0, None), ("linear", 1, None),
+                         ("top", 0, None), ("top", 1, None), ("mofe_block_dynmix", 0, None),
+                         ("mofe_block_dynmix", 1, None)]
 
 
 def test_a_vit_trunk_variant_routes_on_the_cls_token_width_not_the_token_count(train_params):

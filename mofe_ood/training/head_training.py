@@ -142,16 +142,59 @@ class HeadTask:
                                   data.num_classes)
 
 
+TOP = "top"  # the fine-tuned top alone: phase 1 of the routed trunk variants
+
+
+def shares_phase_one(variant: str, cfg: TrainConfig) -> bool:
+    """A routed trunk variant trained in phases starts phase 2 from `top` (see `train_variant`'s `base`)."""
+    spec = VARIANTS[variant]
+    return spec.trunk and spec.routed and cfg.mofe.training == "phased"
+
+
+def train_sharing_phase_one(variant: str, cfg: TrainConfig, data: Data, seed: int, ckpt_dir, phase_one: dict,
+                            **inputs) -> tuple[nn.Module, dict, list[dict]]:
+    """`train_variant`, with `top` trained once per seed: it is both the `top` variant and phase 1 of
+    every routed trunk variant. `ckpt_dir(name)`: the checkpoint folder of variant `name` (or None);
+    `phase_one`: seed -> `top`'s (model, architecture, history), filled here; `inputs`: train_variant's."""
+    if variant != TOP and not shares_phase_one(variant, cfg):
+        return train_variant(variant, cfg, data, seed, ckpt_dir(variant), **inputs)
+    if seed not in phase_one:
+        phase_one[seed] = train_variant(TOP, cfg, data, seed, ckpt_dir(TOP), **inputs)
+    if variant == TOP:
+        return phase_one[seed]
+    top, _, history = phase_one[seed]
+    return train_variant(variant, cfg, data, seed, ckpt_dir(variant), base=(top, history), **inputs)
+
+
+def _start_from(task: HeadTask, top: nn.Module, steps: list[Step]) -> list[Step]:
+    """Load phase 1's weights (stem, expert 0, classifier) from `top`; -> the steps after phase 1."""
+    spec = VARIANTS[task.variant]
+    if not (spec.trunk and spec.routed):
+        raise ValueError(f"variant {task.variant!r} trains its own phase 1; only routed trunk variants "
+                         "start from `top`")
+    for name in ("stem", "classifier"):
+        getattr(task.model, name).load_state_dict(getattr(top, name).state_dict())
+    task.model.experts[0].load_state_dict(top.experts[0].state_dict())
+    if isinstance(task.mixup, DynamicBetaMixup):  # difficulty from phase 1's end, as if trained here
+        first = Step("base", 1)
+        task.mixup.update(task.mixup_accuracy(first, task.validate(first)))
+    return [s for s in steps if s.phase != "base"]
+
+
 def train_variant(variant: str, cfg: TrainConfig, data: Data, seed: int, ckpt_dir=None,
                   world: distributed.World | None = None, trunk: Data | None = None,
                   backbone: nn.Module | None = None, backbone_spec: dict | None = None,
-                  ) -> tuple[nn.Module, dict, list[dict]]:
+                  base: tuple[nn.Module, list[dict]] | None = None) -> tuple[nn.Module, dict, list[dict]]:
     """Train `variant` (data-parallel: this rank's part); -> (model in eval mode on the CPU, its
     architecture, history rows).
 
     A trunk variant (`top`, `mofe_block*`) trains on `trunk` (the cached activations entering
     the backbone's top, same rows as `data`), its experts copied from `backbone`'s top
     (`backbone_spec`: name, image_size, top_blocks); its groups come from `data`'s pooled features.
+    `base`: (`top`'s trained model, its history) of this seed: a routed trunk variant starts phase 2
+    from it, as the paper's experts start from the fine-tuned baseline, instead of training its own
+    phase 1 (the same weights for `mofe_block` and `mofe_block_dynmix`: their ablation differs in
+    the experts' mixup alone, and the full train split's phase 1 is trained once).
     """
     world = world or distributed.World()
     spec = VARIANTS[variant]
@@ -185,7 +228,12 @@ def train_variant(variant: str, cfg: TrainConfig, data: Data, seed: int, ckpt_di
     knobs = {k: v for k, v in as_dict(cfg).items() if k not in NOT_IN_FINGERPRINT}
     loop = Loop(variant, (seed,), "dropout", cfg.warmup_epochs, cfg.min_lr_ratio, checkpoint_dir=ckpt_dir,
                 fingerprint=str(seed_of(variant, knobs, seed, data.fingerprint())), world=world)
-    history = fit(HeadTask(variant, cfg, data, model, groups, mixup, world), schedule(variant, cfg), loop)
+    task, steps = HeadTask(variant, cfg, data, model, groups, mixup, world), schedule(variant, cfg)
+    if base is not None:
+        steps = _start_from(task, base[0], steps)
+    history = fit(task, steps, loop)
+    if base is not None:  # phase 1's rows first, numbered on
+        history = [*base[1], *({**row, "epoch": len(base[1]) + row["epoch"]} for row in history)]
     for q in model.parameters():
         q.requires_grad_(True)
     return model.cpu().eval(), arch, history
