@@ -34,7 +34,7 @@ from typing import Mapping
 
 import numpy as np
 
-from mofe_ood import atomic, metrics, scores, tuning
+from mofe_ood import atomic, metrics, neighbours, scores, tuning
 from mofe_ood.config import section
 from mofe_ood.headline import FILE as HEADLINE_FILE
 from mofe_ood.headline import write as write_headline
@@ -80,35 +80,36 @@ def evaluate_variant(variant: str, outputs: dict[str, Outputs], head, ood_sets: 
     val_groups = {name: ood_sets[of] for name, of in val_sets.items()}
     calibration = {}
     for name in applicable(cfg.scores, test.logits is not None):
-        candidates = tuning.fitting(name, cfg.candidates(name), len(train.features))  # K <= the bank
+        with neighbours.neighbour_cache():  # KNN: one product per array for every candidate K
+            candidates = tuning.fitting(name, cfg.candidates(name), len(train.features))  # K <= the bank
 
-        def fitted(hyper, name=name):
-            return scores.make_score(name, **hyper).fit(train.features, train.labels, train.logits, head)
+            def fitted(hyper, name=name):
+                return scores.make_score(name, **hyper).fit(train.features, train.labels, train.logits, head)
 
-        def val_result(score):
-            per_val = {s: score.score(outputs[s].features, outputs[s].logits) for s in ["val", *val_sets]}
-            by_set = {val_sets[s]: v for s, v in per_val.items() if s != "val"}
-            return set_metrics(per_val["val"], by_set, {val_sets[s]: g for s, g in val_groups.items()})
+            def val_result(score):
+                per_val = {s: score.score(outputs[s].features, outputs[s].logits) for s in ["val", *val_sets]}
+                by_set = {val_sets[s]: v for s, v in per_val.items() if s != "val"}
+                return set_metrics(per_val["val"], by_set, {val_sets[s]: g for s, g in val_groups.items()})
 
-        if len(candidates) == 1:
-            hyper, table = candidates[0], None
-        elif val_sets:
-            hyper, table = tuning.select_on_val(candidates, lambda h: val_result(fitted(h)), cfg.selection)
-        else:
-            hyper, _ = tuning.select_hyper(name, candidates, train.features, train.labels, val.features,
-                                           val.labels, train_logits=train.logits, val_logits=val.logits, head=head)
-            table = None
-        score = fitted(hyper)
-        per_set = {s: score.score(outputs[s].features, outputs[s].logits) for s in ["val", "test", *ood_sets]}
-        np.savez(score_dir / f"{variant}__{name}.npz", **{s: v for s, v in per_set.items() if s != "val"})
-        entry[name] = set_metrics(per_set["test"], per_set, ood_sets)
-        if val_sets:
-            val_entry[name] = val_result(score)
-            # what was chosen, and from what: every candidate's validation objective
-            val_entry[name].update(selection=tuning.objective(val_entry[name], cfg.selection), hyper=hyper,
-                                   candidates=table or [{"hyper": hyper}])
-        calibration[name] = {"hyper": hyper, "tpr": cfg.tpr,
-                             "threshold": metrics.threshold_at_tpr(per_set["val"], cfg.tpr)}
+            if len(candidates) == 1:
+                hyper, table = candidates[0], None
+            elif val_sets:
+                hyper, table = tuning.select_on_val(candidates, lambda h: val_result(fitted(h)), cfg.selection)
+            else:
+                hyper, _ = tuning.select_hyper(name, candidates, train.features, train.labels, val.features,
+                                               val.labels, train_logits=train.logits, val_logits=val.logits, head=head)
+                table = None
+            score = fitted(hyper)
+            per_set = {s: score.score(outputs[s].features, outputs[s].logits) for s in ["val", "test", *ood_sets]}
+            np.savez(score_dir / f"{variant}__{name}.npz", **{s: v for s, v in per_set.items() if s != "val"})
+            entry[name] = set_metrics(per_set["test"], per_set, ood_sets)
+            if val_sets:
+                val_entry[name] = val_result(score)
+                # what was chosen, and from what: every candidate's validation objective
+                val_entry[name].update(selection=tuning.objective(val_entry[name], cfg.selection), hyper=hyper,
+                                       candidates=table or [{"hyper": hyper}])
+            calibration[name] = {"hyper": hyper, "tpr": cfg.tpr,
+                                 "threshold": metrics.threshold_at_tpr(per_set["val"], cfg.tpr)}
     return entry, val_entry, calibration
 
 

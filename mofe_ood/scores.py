@@ -32,12 +32,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from mofe_ood.neighbours import kth_distance, normalised_tensor
 from mofe_ood.params import ParamError, check_number
-
-# Largest similarity block (queries x bank) that knn_kth_distance holds at once: 32 Mi
-# float32 = 128 MiB, whatever the bank size (a 640k ImageNet bank gets 52-row chunks).
-KNN_BLOCK_ELEMENTS = 1 << 25
-
 
 def as_2d(x, what: str) -> np.ndarray:
     arr = np.asarray(x)
@@ -160,52 +156,6 @@ class Energy(OODScore):
         return t * _logsumexp(self._logits(logits, len(features)) / t)
 
 
-# ---- k-th nearest neighbour search (cosine), the engine of KNN
-
-
-def _normalised_tensor(x) -> torch.Tensor:
-    t = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
-    return torch.nn.functional.normalize(t, dim=1)  # zero rows stay zero (eps-clamped norm), as in sklearn
-
-
-@torch.inference_mode()
-def _kth_similarity(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk_size: int) -> torch.Tensor:
-    """The k-th largest dot product of each query row with the bank rows, `chunk_size` queries at a time."""
-    out = torch.empty(len(queries), dtype=torch.float32)
-    for start in range(0, len(queries), chunk_size):
-        sims = queries[start:start + chunk_size] @ bank.T
-        # The k-th largest is the smallest of the top k: no need to sort them.
-        out[start:start + chunk_size] = torch.topk(sims, k, dim=1, sorted=False).values.min(dim=1).values
-    return out
-
-
-def _kth_distance(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk_size: int | None) -> np.ndarray:
-    if not 1 <= k <= len(bank):
-        raise ValueError(f"KNN: k={k} must be between 1 and the bank size {len(bank)}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"KNN: chunk_size must be >= 1, got {chunk_size}")
-    chunk = chunk_size or max(1, KNN_BLOCK_ELEMENTS // len(bank))
-    sim = _kth_similarity(bank, queries, k, chunk).numpy().astype(np.float64)
-    return np.clip(1.0 - sim, 0.0, 2.0)
-
-
-def knn_kth_distance(bank, queries, k: int, chunk_size: int | None = None) -> np.ndarray:
-    """Cosine distance (1 - cos) from each query to its k-th nearest neighbour in `bank`, float64.
-
-    The same numbers as `sklearn.neighbors.NearestNeighbors(metric="cosine")`
-    (last column of `kneighbors`), from float32 products of L2-normalised rows
-    and torch.topk. Nothing is excluded: a query that is also in the bank finds
-    itself at distance 0; a zero row is at distance 1 from everything. Only
-    `chunk_size` x len(bank) similarities exist at a time (default: as many
-    query rows as fit KNN_BLOCK_ELEMENTS).
-    """
-    bank = as_2d(bank, "KNN bank")
-    queries = as_2d(queries, "KNN queries")
-    if bank.shape[1] != queries.shape[1]:
-        raise ValueError(f"KNN: bank has {bank.shape[1]} dims, queries have {queries.shape[1]}")
-    return _kth_distance(_normalised_tensor(bank), _normalised_tensor(queries), int(k), chunk_size)
-
-
 # ---- feature scores
 
 
@@ -230,14 +180,15 @@ class KNN(OODScore):
         features = as_2d(features, "KNN bank features")
         if self.k > len(features):
             raise ParamError(f"KNN: k={self.k} is larger than the bank ({len(features)} train features)")
-        self.bank_ = _normalised_tensor(features)
+        self.bank_ = normalised_tensor(features)
+        self.source_ = features
         return self
 
     def score(self, features, logits=None) -> np.ndarray:
         queries = as_2d(features, "features")
         if queries.shape[1] != self.bank_.shape[1]:
             raise ValueError(f"KNN: fitted on {self.bank_.shape[1]} dims, got {queries.shape[1]}")
-        return -_kth_distance(self.bank_, _normalised_tensor(queries), self.k, self.chunk_size)
+        return -kth_distance(self.bank_, queries, self.k, self.chunk_size, bank_source=self.source_)
 
     @staticmethod
     def hyper_for_bank(hyper: dict, fraction: float, bank_size: int) -> dict:

@@ -11,7 +11,8 @@ from sklearn.neighbors import NearestNeighbors
 from mofe_ood import evaluate, scores, tuning
 from mofe_ood.metrics import ood_metrics
 from mofe_ood.params import ParamError, load, merged
-from mofe_ood.scores import SCORES, ViM, knn_kth_distance, make_score
+from mofe_ood.neighbours import knn_kth_distance
+from mofe_ood.scores import SCORES, ViM, make_score
 from mofe_ood.tuning import select_hyper
 
 
@@ -88,6 +89,27 @@ def test_knn_kth_distance_matches_sklearn(k, chunk):
     np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
     if k == 1:
         np.testing.assert_allclose(ours[-5:], 0.0, atol=1e-6)  # a query in the bank finds itself
+
+
+def test_inside_the_neighbour_cache_every_k_gives_the_same_bits_from_one_product_per_array(monkeypatch):
+    from mofe_ood import neighbours
+
+    rng = np.random.default_rng(5)
+    bank, val, test = (rng.normal(size=(n, 16)).astype(np.float32) for n in (400, 30, 20))
+    ks = [1, 5, 10, 200]  # 200 > KEPT: kept anew, wider
+    arrays = (("val", val), ("test", test))
+    want = {(k, name): make_score("knn", k=k).fit(bank).score(q) for k in ks for name, q in arrays}
+    products = []
+    real = neighbours._top_similarities
+    monkeypatch.setattr(neighbours, "_top_similarities",
+                        lambda b, q, k, chunk: products.append((len(q), k)) or real(b, q, k, chunk))
+    with neighbours.neighbour_cache():
+        for k in ks:  # as evaluate chooses K: a new fitted score per candidate, the same arrays
+            for name, q in arrays:
+                np.testing.assert_array_equal(make_score("knn", k=k).fit(bank).score(q), want[(k, name)])
+    assert products == [(30, neighbours.KEPT), (20, neighbours.KEPT), (30, 200), (20, 200)]
+    make_score("knn", k=5).fit(bank).score(val)  # outside: no cache, one product a call
+    assert products[-1] == (30, 5)
 
 
 def test_knn_score_is_minus_kth_distance_and_needs_k_within_bank():

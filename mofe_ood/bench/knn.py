@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from mofe_ood.scores import knn_kth_distance
+from mofe_ood.neighbours import knn_kth_distance
 
 TOLERANCE = 1e-5
 

@@ -16,6 +16,7 @@ registers in that checkout's mlflow.db as `make run` does.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -25,8 +26,12 @@ from pathlib import Path
 
 
 def timed(cmd: list[str], cwd: Path | None = None) -> float:
+    # The checkout's own package first: worktrees sharing one environment (its editable install
+    # points at one of them) would otherwise all run that one's code.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(cwd or ".").resolve()),
+                                                                     os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env)
     seconds = time.perf_counter() - start
     if done.returncode:
         sys.exit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
