@@ -320,19 +320,20 @@ def features_and_trunk_of(model: nn.Module, images: Images, prep: Preprocess, ba
     rows = rows if rows is not None else range(len(images))
     device = next(model.parameters()).device
     forward = forward or forward_of(model, top_blocks)
-    out, trunks = [], []
+    # The outputs are allocated whole and filled batch by batch: a list of per-batch arrays,
+    # concatenated at the end, left glibc's heap too fragmented to reuse each batch's freed
+    # input tensor (12 MB at 128 px), and 57,800 images held 9.6 GB instead of ~1.5.
+    feats = np.zeros((len(rows), int(model.num_features)), np.float32)
+    trunks = np.zeros((0,), np.float16) if top_blocks else None
     for start in tqdm(range(rows.start, rows.stop, batch_size), desc=desc, unit="batch",
                       leave=False, disable=None):
-        x = image_batch(images, start, min(start + batch_size, rows.stop), prep, channels_last).to(device)
-        feats, trunk = forward(x)
-        out.append(feats.float().cpu().numpy())
+        stop = min(start + batch_size, rows.stop)
+        x = image_batch(images, start, stop, prep, channels_last).to(device)
+        f, trunk = forward(x)
+        feats[start - rows.start:stop - rows.start] = f.float().cpu().numpy()
         if top_blocks:
+            if start == rows.start:
+                trunks = np.zeros((len(rows), *trunk.shape[1:]), np.float16)
             # float16 halves the cache; the top's output moves by ~1e-4 relative (tested)
-            trunks.append(trunk.half().cpu().numpy())
-    dim = int(model.num_features)
-    feats = np.concatenate(out) if out else np.zeros((0, dim), np.float32)
-    if not top_blocks:
-        return feats, None
-    if not trunks:
-        return feats, np.zeros((0,), np.float16)
-    return feats, np.ascontiguousarray(np.concatenate(trunks))
+            trunks[start - rows.start:stop - rows.start] = trunk.half().cpu().numpy()
+    return feats, trunks
