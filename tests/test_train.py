@@ -158,7 +158,7 @@ def test_mofe_options_train_and_load(features, tmp_path, mofe, train_params):
     ({"mofe": {"num_experts": 7}}, "train.mofe.num_experts"),
     ({"dynmix": {"alpha_min": 2.0, "alpha_max": 1.0}}, "train.dynmix.alpha_min"),
     ({"mofe": {"expert": "transformer"}}, "train.mofe.expert"),
-    ({"mofe": {"expert": "block"}}, "train.mofe.expert"),
+    ({"mofe": {"expert": "block"}, "variants": ["mofe"]}, "train.mofe.expert"),  # checked where MLP experts train
     ({"variants": ["linear", "mofe_fancy"]}, "train.variants"),
     ({"variants": []}, "train.variants"),
     ({"mofe": {"router": "random"}}, "train.mofe.router"),
